@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -25,7 +26,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(message: str) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr)
+    """Print once (on the main process of a multi-process launch) and exit with code 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(USAGE_ERROR)
 
 

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.fileio import atomic_target
 from cardinal.models import STEMS, build_model, list_archs
+from cardinal.syncbn import revert_sync_batchnorm
 
 FORMATS = ("torchscript", "program", "state_dict")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -62,11 +64,6 @@ def load_state_dict_file(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     return clean_state_dict(state)
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".tmp.{path.name}")
-
-
 def _unwrapped(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
@@ -74,7 +71,7 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def _plain_eval_copy(model: nn.Module) -> nn.Module:
     """An fp32 eval-mode CPU copy without DDP / torch.compile wrappers; the caller's model is untouched."""
-    return copy.deepcopy(_unwrapped(model)).float().cpu().eval()
+    return revert_sync_batchnorm(copy.deepcopy(_unwrapped(model))).float().cpu().eval()
 
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:
@@ -84,36 +81,29 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
 
 
 def export_torchscript(model: nn.Module, path: os.PathLike | str) -> Path:
-    path = Path(path)
-    temp = _atomic_target(path)
     scripted = script_model(model)
-    with warnings.catch_warnings():
+    with atomic_target(path) as temp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
         torch.jit.save(scripted, str(temp))
-    os.replace(temp, path)
-    return path
+    return Path(path)
 
 
 def export_program(
     model: nn.Module, path: os.PathLike | str, input_size: Sequence[int] = (3, 32, 32)
 ) -> Path:
     """Save a ``torch.export`` program whose batch dimension is dynamic."""
-    path = Path(path)
-    temp = _atomic_target(path)
     module = _plain_eval_copy(model)
     example = (torch.randn(2, *input_size),)
     program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, str(temp))
-    os.replace(temp, path)
-    return path
+    with atomic_target(path) as temp:
+        torch.export.save(program, str(temp))
+    return Path(path)
 
 
 def save_state_dict(model: nn.Module, path: os.PathLike | str) -> Path:
-    path = Path(path)
-    temp = _atomic_target(path)
-    torch.save(clean_state_dict(_plain_eval_copy(model).state_dict()), temp)
-    os.replace(temp, path)
-    return path
+    with atomic_target(path) as temp:
+        torch.save(clean_state_dict(_plain_eval_copy(model).state_dict()), temp)
+    return Path(path)
 
 
 def export_model(

@@ -1,0 +1,261 @@
+"""CIFAR as one uint8 tensor on the training device, with batched augmentation and sharding.
+
+No per-sample PIL and no worker processes: the whole split (150 MB for CIFAR-10 train) sits on the device
+and each batch is a slice of a permutation, cropped and flipped as one tensor operation.
+
+Shuffling and augmentation are drawn from a generator seeded by (seed, epoch), one draw per sample of the
+split, and looked up by sample index. A sample is therefore cropped and flipped the same way whichever
+process handles it, and the global batches are identical for any number of processes: a 2-process run sees
+exactly what a 1-process run sees, split in two.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from cardinal.cli import CardinalError
+
+Split = Tuple[torch.Tensor, torch.Tensor]  # images uint8 (N, 3, H, W), labels int64 (N,)
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    folder: str
+    url: str
+    archive: str
+    archive_md5: str
+    train_files: Tuple[str, ...]
+    test_files: Tuple[str, ...]
+    label_key: str
+    num_classes: int
+
+
+DATASETS: Dict[str, CifarSpec] = {
+    "cifar10": CifarSpec(
+        folder="cifar-10-batches-py",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        archive="cifar-10-python.tar.gz",
+        archive_md5="c58f30108f718f92721af3b95e74349a",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+    ),
+    "cifar100": CifarSpec(
+        folder="cifar-100-python",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        archive="cifar-100-python.tar.gz",
+        archive_md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+    ),
+}
+DATASET_CHOICES = (*DATASETS, "synthetic")
+IMAGE_SHAPE = (3, 32, 32)
+
+
+def num_classes_of(dataset: str, synthetic_classes: int = 10) -> int:
+    return synthetic_classes if dataset == "synthetic" else DATASETS[dataset].num_classes
+
+
+def find_batches_dir(data_dir: Path, spec: CifarSpec) -> Optional[Path]:
+    """The extracted batch folder: ``data_dir/<folder>``, or ``data_dir`` itself if it is that folder."""
+    for candidate in (data_dir / spec.folder, data_dir):
+        if all((candidate / name).is_file() for name in spec.train_files + spec.test_files):
+            return candidate
+    return None
+
+
+def download(data_dir: Path, spec: CifarSpec) -> None:
+    """Fetch and md5-verify the official archive, then extract it into ``data_dir``."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(spec.url, str(data_dir), filename=spec.archive, md5=spec.archive_md5)
+    except Exception as error:  # offline, proxy, checksum or disk errors all end the same way for the user
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CardinalError(
+            f"could not download {spec.url} ({reason}); download and extract it by hand into {data_dir}"
+        ) from None
+
+
+def read_batch(path: Path, label_key: str, num_classes: int) -> Split:
+    """One official python batch, checked by structure (the sample and the full set share no md5s)."""
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError, ImportError, MemoryError, zlib.error) as error:
+        raise CardinalError(f"cannot read CIFAR batch {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(entry, dict):
+        raise CardinalError(f"corrupt CIFAR batch {path}: expected a dict, found {type(entry).__name__}")
+    entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
+    data, labels = entry.get("data"), entry.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise CardinalError(f"corrupt CIFAR batch {path}: 'data' must be uint8 of shape (N, 3072), got {shape}")
+    labels = np.asarray(labels) if labels is not None else None
+    if labels is None or labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise CardinalError(f"corrupt CIFAR batch {path}: '{label_key}' must be {len(data)} integer labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise CardinalError(f"corrupt CIFAR batch {path}: labels outside 0..{num_classes - 1}")
+    images = torch.from_numpy(data.reshape(-1, *IMAGE_SHAPE).copy())
+    return images, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_cifar(dataset: str, data_dir: Path | str, train: bool, download_missing: bool = False) -> Split:
+    """A CIFAR-10/100 split as one uint8 image tensor and one label tensor, on the CPU."""
+    spec = DATASETS[dataset]
+    data_dir = Path(data_dir)
+    batches = find_batches_dir(data_dir, spec)
+    if batches is None and download_missing:
+        download(data_dir, spec)
+        batches = find_batches_dir(data_dir, spec)
+    if batches is None:
+        raise CardinalError(
+            f"{dataset} not found in {data_dir} (expected {spec.folder}/ with "
+            f"{', '.join(spec.train_files + spec.test_files)}); pass --download to fetch it or point --data-dir at it"
+        )
+    parts = [read_batch(batches / name, spec.label_key, spec.num_classes)
+             for name in (spec.train_files if train else spec.test_files)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def synthetic_split(num_samples: int, num_classes: int = 10, seed: int = 0, train: bool = True) -> Split:
+    """Deterministic, learnable random images: a smooth colour pattern per class plus per-image noise."""
+    generator = torch.Generator().manual_seed(seed * 2 + (0 if train else 1))
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(seed)) * 255
+    # smooth patterns, so crops and flips keep the class recognisable as they do for real images
+    prototypes = torch.nn.functional.interpolate(coarse, size=IMAGE_SHAPE[1:], mode="bilinear")
+    labels = torch.randint(0, num_classes, (num_samples,), generator=generator)
+    noise = torch.randn(num_samples, *IMAGE_SHAPE, generator=generator) * 48
+    images = (0.6 * prototypes[labels] + 0.4 * 128 + noise).round().clamp(0, 255).to(torch.uint8)
+    return images, labels
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 8 + stream)
+
+
+class Normalize:
+    """uint8 images -> float, mean/std normalized, optionally channels_last."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 channels_last: bool = False) -> None:
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
+        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = images.float().mul_(self.scale).add_(self.shift)
+        return out.contiguous(memory_format=self.memory_format)
+
+
+def crop_and_flip(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, flip: torch.Tensor,
+                  padding: int) -> torch.Tensor:
+    """Zero-pad by ``padding``, crop back to the original size at per-image offsets, flip where asked.
+
+    Same result as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip, for a whole batch.
+    """
+    n, c, h, w = images.shape
+    if padding:
+        padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+        rows = (dy.view(n, 1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
+        padded = padded.gather(2, rows.expand(n, c, h, w + 2 * padding))
+        cols = (dx.view(n, 1) + torch.arange(w, device=images.device)).view(n, 1, 1, w)
+        images = padded.gather(3, cols.expand(n, c, h, w))
+    return torch.where(flip.view(n, 1, 1, 1), images.flip(3), images)
+
+
+class DeviceLoader:
+    """Batches of one split, resident on ``device``, sharded over processes by sample position.
+
+    Each step takes ``global_batch`` indices of the epoch's permutation; process ``rank`` of ``world``
+    gets its contiguous share of them. ``drop_last`` drops a final step smaller than the world size.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        global_batch: int,
+        normalize: Normalize,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        shuffle: bool = True,
+        augment: bool = False,
+        crop_padding: int = 4,
+        seed: int = 0,
+    ) -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.global_batch, self.normalize, self.device = global_batch, normalize, device
+        self.rank, self.world, self.shuffle, self.augment = rank, world, shuffle, augment
+        self.crop_padding, self.seed = crop_padding, seed
+        self.epoch = 0
+        self.limit: Optional[int] = None
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.labels), self.global_batch)
+        steps = full + (1 if rest >= self.world else 0)
+        return min(steps, self.limit) if self.limit is not None else steps
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _epoch_plan(self) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
+        n = len(self.labels)
+        order = (torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch, 0))
+                 if self.shuffle else torch.arange(n))
+        augmentation = None
+        if self.augment:
+            generator = _epoch_generator(self.seed, self.epoch, 1)
+            span = 2 * self.crop_padding + 1
+            dx = torch.randint(0, span, (n,), generator=generator)
+            dy = torch.randint(0, span, (n,), generator=generator)
+            flip = torch.rand(n, generator=generator) < 0.5
+            augmentation = tuple(t.to(self.device) for t in (dx, dy, flip))
+        return order.to(self.device), augmentation
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """Yields (images, labels, global_count): this process's share and the step's total size."""
+        order, augmentation = self._epoch_plan()
+        for step in range(len(self)):
+            indices = order[step * self.global_batch:(step + 1) * self.global_batch]
+            share = torch.tensor_split(indices, self.world)[self.rank]
+            images = self.images[share]
+            if augmentation is not None:
+                dx, dy, flip = (t[share] for t in augmentation)
+                images = crop_and_flip(images, dx, dy, flip, self.crop_padding)
+            yield self.normalize(images), self.labels[share], len(indices)
+
+
+def shard_for_eval(num_samples: int, rank: int, world: int) -> torch.Tensor:
+    """Contiguous, disjoint, covering shards: every test image is evaluated exactly once."""
+    return torch.tensor_split(torch.arange(num_samples), world)[rank]
+
+
+def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, normalize: Normalize,
+                 rank: int = 0, world: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    share = shard_for_eval(len(labels), rank, world).to(images.device)
+    for start in range(0, len(share), batch):
+        chunk = share[start:start + batch]
+        yield normalize(images[chunk]), labels[chunk]
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> List[int]:
+    return torch.bincount(labels.cpu(), minlength=num_classes).tolist()

@@ -1,0 +1,27 @@
+"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); it replaces ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".tmp.{path.name}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_text_atomic(path: os.PathLike | str, text: str) -> None:
+    with atomic_target(path) as temp:
+        temp.write_text(text)

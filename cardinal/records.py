@@ -1,0 +1,183 @@
+"""Per-epoch records: the CSV a comparison is built from, and the rich console views of it.
+
+Every row carries the epoch's metrics and the run's identity (arch, size, precision, versions, command),
+so a single CSV, or many concatenated, can be compared without any other file. The CSV is rewritten
+atomically after each epoch: a run killed at any moment leaves a complete, readable file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cardinal.fileio import atomic_target
+
+CSV_NAME = "epochs.csv"
+CONFIG_NAME = "config.json"
+
+EPOCH_COLUMNS = (
+    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s",
+    "eval_time_s", "steps", "it_per_s", "img_per_s", "train_tflop_per_s", "peak_mem_mb", "train_images",
+    "test_images",
+)
+RUN_COLUMNS = (
+    "run_name", "arch", "dataset", "recipe", "params", "gflops", "image_size", "global_batch", "world_size",
+    "precision", "channels_last", "compiled", "device", "torch_version", "accelerate_version",
+    "cardinal_version", "seed", "command",
+)
+COLUMNS = EPOCH_COLUMNS + RUN_COLUMNS
+TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "it_per_s", "img_per_s",
+                  "train_tflop_per_s", "peak_mem_mb")
+
+
+def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_image: float,
+              peak_mem_mb: float) -> Dict[str, Any]:
+    """Metrics of one finished epoch from engine.TrainStats / EvalStats."""
+    seconds = max(train.time_s, 1e-9)
+    return {
+        "epoch": epoch,
+        "train_loss": train.loss,
+        "train_acc": train.accuracy,
+        "test_loss": test.loss,
+        "test_acc": test.accuracy,
+        "lr": train.lr,
+        "epoch_time_s": epoch_time_s,
+        "train_time_s": train.time_s,
+        "eval_time_s": test.time_s,
+        "steps": train.steps,
+        "it_per_s": train.steps / seconds,
+        "img_per_s": train.images / seconds,
+        "train_tflop_per_s": train.images * train_flops_per_image / seconds / 1e12,
+        "peak_mem_mb": peak_mem_mb,
+        "train_images": train.images,
+        "test_images": test.images,
+    }
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_target(path) as temp:
+        frame.to_csv(temp, index=False)
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+class RunRecords:
+    """The rows of one run, written to ``<run_dir>/epochs.csv`` after every epoch."""
+
+    def __init__(self, run_dir: Path, run_info: Dict[str, Any], previous: Optional[pd.DataFrame] = None):
+        self.path = Path(run_dir) / CSV_NAME
+        self.run_info = dict(run_info)
+        self.rows: List[Dict[str, Any]] = [] if previous is None else previous.to_dict("records")
+
+    def add(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        row = {**metrics, **self.run_info}
+        self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
+        write_csv(self.frame(), self.path)
+        return row
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.rows)
+        ordered = [c for c in COLUMNS if c in frame.columns]
+        return frame[ordered + [c for c in frame.columns if c not in ordered]]
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+EPOCH_VIEW = (  # column title, key, digits, width
+    ("Epoch", "epoch", 0, 5), ("Train loss", "train_loss", 4, 10), ("Train acc %", "train_acc", 2, 11),
+    ("Test loss", "test_loss", 4, 9), ("Test acc %", "test_acc", 2, 10), ("LR", "lr", 5, 8),
+    ("it/s", "it_per_s", 2, 7), ("img/s", "img_per_s", 1, 8), ("TFLOP/s", "train_tflop_per_s", 3, 7),
+    ("Epoch s", "epoch_time_s", 1, 8), ("Peak MB", "peak_mem_mb", 0, 8),
+)
+
+
+class ConsoleReport:
+    """Progress bar during an epoch, one table row per finished epoch, a final summary table.
+
+    Rows are printed as they come (header once) so the table grows in the log, TTY or not.
+    """
+
+    def __init__(self, console: Optional[Console] = None, enabled: bool = True, progress: bool = True):
+        self.console = console or Console()
+        if not self.console.is_terminal:  # logs and CI: wide enough for the whole epoch row
+            self.console.width = max(self.console.width, 150)
+        self.enabled = enabled
+        self.show_progress = enabled and progress and self.console.is_terminal
+        self._progress: Optional[Progress] = None
+        self._task = None
+        self._header_printed = False
+
+    def line(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False)
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if not self.show_progress:
+            return
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
+            TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=steps, loss="-", rate="-")
+
+    def step(self, loss: Optional[float]) -> None:
+        if self._progress is None:
+            return
+        task = self._progress.tasks[0]
+        fields = {"loss": f"{loss:.4f}"} if loss is not None else {}
+        if task.speed:
+            fields["rate"] = f"{task.speed:.2f}"
+        self._progress.update(self._task, advance=1, **fields)
+
+    def end_epoch(self, row: Dict[str, Any]) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if not self.enabled:
+            return
+        table = Table(show_header=not self._header_printed, box=None, pad_edge=False, show_edge=False,
+                      padding=(0, 1))
+        for title, _, _, width in EPOCH_VIEW:
+            table.add_column(title, justify="right", min_width=width, max_width=width + 2)
+        table.add_row(*(_fmt(row.get(key), digits) for _, key, digits, _ in EPOCH_VIEW))
+        self.console.print(table)
+        self._header_printed = True
+
+    def final(self, frame: pd.DataFrame, run_dir: Path) -> None:
+        if not self.enabled or frame.empty:
+            return
+        first = frame.iloc[0]
+        best = frame.loc[frame["test_acc"].idxmax()]
+        last = frame.iloc[-1]
+        table = Table(title=f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)", show_header=False)
+        table.add_column("")
+        table.add_column("", justify="right")
+        for label, value in (
+            ("Parameters", f"{int(first['params']):,}"),
+            ("GFLOPs / image", f"{first['gflops']:.2f}"),
+            ("Epochs", f"{int(last['epoch'])}"),
+            ("Final test acc %", _fmt(last["test_acc"], 2)),
+            ("Best test acc %", f"{best['test_acc']:.2f} (epoch {int(best['epoch'])})"),
+            ("Mean img/s", _fmt(frame["img_per_s"].mean(), 1)),
+            ("Mean it/s", _fmt(frame["it_per_s"].mean(), 2)),
+            ("Mean TFLOP/s", _fmt(frame["train_tflop_per_s"].mean(), 3)),
+            ("Total time s", _fmt(frame["epoch_time_s"].sum(), 1)),
+            ("Precision / world", f"{first['precision']} / {int(first['world_size'])}"),
+            ("Device", str(first["device"])),
+            ("Records", str(run_dir / CSV_NAME)),
+        ):
+            table.add_row(label, value)
+        self.console.print(table)
+
