@@ -279,6 +279,7 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
         if main_process:
             write_text_atomic(run_dir / "eval.json", json.dumps(summary, indent=2))
         report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        _finish(accelerator)
         return 0
 
     if main_process:
@@ -341,9 +342,16 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
         report.line("exported " + ", ".join(str(p) for p in files.written().values()))
     if main_process:
         report.final(records.frame(), run_dir)
+    _finish(accelerator)
+    return 0
+
+
+def _finish(accelerator) -> None:
+    """Leave the process group cleanly: a rank exiting with it open can abort the launch."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

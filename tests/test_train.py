@@ -1,0 +1,93 @@
+"""End-to-end training runs through the CLI, as users launch them."""
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+import torch
+
+from cardinal import build_model
+from cardinal.records import COLUMNS, TIMING_COLUMNS
+from conftest import SYNTHETIC, TINY, cli, train
+
+PROMISED = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s",
+            "it_per_s", "img_per_s", "peak_mem_mb", "arch", "params", "gflops", "train_tflop_per_s",
+            "global_batch", "world_size", "precision", "device", "torch_version", "accelerate_version",
+            "cardinal_version", "seed", "command"]
+
+
+def _check_run_folder(run_dir, frame, epochs, arch="tiny_resnet"):
+    assert set(PROMISED) <= set(frame.columns) and set(COLUMNS) == set(frame.columns)
+    assert list(frame["epoch"]) == list(range(1, epochs + 1))
+    assert frame["arch"].eq(arch).all()
+    assert frame["params"].eq(sum(p.numel() for p in build_model(arch).parameters())).all()
+    assert (frame[["img_per_s", "it_per_s", "train_time_s", "peak_mem_mb"]] > 0).all().all()
+    assert (frame["epoch_time_s"] >= frame["train_time_s"]).all()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["arch"] == arch and config["recipe"]["batch_size"] == frame["global_batch"].iloc[0]
+    assert (run_dir / "checkpoint" / "trainer.json").is_file()
+    state = torch.load(run_dir / "model_state.pt", weights_only=True)
+    model = build_model(arch).eval()
+    model.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(str(run_dir / "model.ts"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=0)
+        program = torch.export.load(str(run_dir / "model.pt2")).module()
+        torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_synthetic_run_writes_csv_config_checkpoint_and_export(tmp_path):
+    frame = train([*TINY, *SYNTHETIC, "--epochs", "2"], tmp_path)
+    _check_run_folder(tmp_path / "run", frame, epochs=2)
+    assert frame["train_images"].eq(600).all() and frame["test_images"].eq(150).all()
+    assert frame["train_loss"].iloc[1] < frame["train_loss"].iloc[0]  # it learns
+
+
+def test_sample_cifar10_run(tmp_path, sample_dir):
+    frame = train([*TINY, "--dataset", "cifar10", "--data-dir", str(sample_dir), "--epochs", "1",
+                   "--max-steps", "3", "--recipe", "fast", "--batch-size", "64", "--mixed-precision", "bf16",
+                   "--channels-last"], tmp_path)
+    _check_run_folder(tmp_path / "run", frame, epochs=1)
+    assert frame["steps"].iloc[0] == 3 and frame["train_images"].iloc[0] == 3 * 64
+    assert frame["test_images"].iloc[0] == 846 and frame["precision"].iloc[0] == "bf16"
+
+
+def test_two_processes_match_one_process(tmp_path):
+    # 600 images at batch 64: the last step holds 24, split 12 + 12 between the ranks
+    args = [*TINY, *SYNTHETIC, "--epochs", "2", "--sync-bn", "--recipe", "fast", "--batch-size", "64",
+            "--no-export"]
+    one = train(args, tmp_path, run_name="one")
+    two = train(args, tmp_path, processes=2, run_name="two")
+    assert two["world_size"].eq(2).all() and one["world_size"].eq(1).all()
+    pd.testing.assert_series_equal(two["train_loss"], one["train_loss"], rtol=1e-3, atol=0)
+    assert two["train_images"].eq(600).all()
+
+    # the same weights give the same test accuracy with 1 and 2 processes: every image counted once
+    torch.save(build_model("tiny_resnet").state_dict(), tmp_path / "w.pt")  # a fixed set of weights
+    results = []
+    for processes, name in ((1, "eval1"), (2, "eval2")):
+        done = cli("cardinal.train", [*TINY, *SYNTHETIC, "--synthetic-test", "333", "--eval-only",
+                                      "--init-weights", str(tmp_path / "w.pt"), "--eval-batch-size", "50",
+                                      "--output-dir", str(tmp_path), "--run-name", name], processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads((tmp_path / name / "eval.json").read_text()))
+    assert results[0]["test_images"] == results[1]["test_images"] == 333
+    assert results[1]["world_size"] == 2
+    assert results[0]["test_acc"] == pytest.approx(results[1]["test_acc"], abs=1e-9)
+    assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-5)
+
+
+def test_resume_gives_the_same_csv_as_an_uninterrupted_run(tmp_path):
+    args = [*TINY, *SYNTHETIC, "--epochs", "2", "--recipe", "fast", "--no-export"]
+    straight = train(args, tmp_path, run_name="straight")
+    first = train([*args, "--stop-after", "1"], tmp_path, run_name="resumed")
+    assert list(first["epoch"]) == [1]
+    done = cli("cardinal.train", ["--resume", str(tmp_path / "resumed"), "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = pd.read_csv(tmp_path / "resumed" / "epochs.csv")
+    compared = [c for c in straight.columns if c not in TIMING_COLUMNS + ("run_name", "command")]
+    pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
