@@ -1,0 +1,116 @@
+"""The reference comparison in one command: each arch and seed trained under one recipe, then the summary.
+
+    python -m cardinal.study                                   # resnet50, resnext50_32x4d, resnext50_flat128
+    python -m cardinal.study --data-dir ../shared/data/cifar10-sample --epochs 3 -- --mixed-precision bf16
+    python -m cardinal.study --launcher "accelerate launch --config_file launch/multi-gpu-bf16.yaml"
+
+Every run is a separate ``accelerate launch -m cardinal.train``, so each starts from the same state.
+Arguments after ``--`` (and any this runner does not know) go to every training run. A run that already
+finished is skipped and one that was interrupted is resumed, so the study can simply be started again.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from cardinal.checkpoint import read_trainer_state
+from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.models import list_archs
+
+STUDY_ARCHS = ("resnet50", "resnext50_32x4d", "resnext50_flat128")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m cardinal.study", description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=list(STUDY_ARCHS), choices=list_archs(), metavar="ARCH",
+                        help="architectures to compare")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arch and seed")
+    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs per run")
+    parser.add_argument("--recipe", default="seed", help="training recipe (see cardinal.train --help)")
+    parser.add_argument("--dataset", default="cifar10", help="data set")
+    parser.add_argument("--data-dir", default="data", help="CIFAR folder")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/study"), help="where the runs go")
+    parser.add_argument("--launcher", default="accelerate launch",
+                        help="command that starts a training run, e.g. with --config_file")
+    parser.add_argument("--report-epochs", nargs="+", type=positive_int, default=None,
+                        help="epochs in the summary table (default: 1, 5 and the last)")
+    parser.add_argument("--summary-format", choices=("table", "markdown", "csv"), default="table",
+                        help="format of the summary (also written to OUTPUT_DIR/summary.<ext>)")
+    parser.add_argument("--plot", action="store_true", help="also draw OUTPUT_DIR/summary.png")
+    parser.add_argument("--no-summary", dest="summary", action="store_false",
+                        help="train only (e.g. on every node but the first)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    return parser
+
+
+def run_name(arch: str, recipe: str, seed: int) -> str:
+    return f"{arch}-{recipe}-seed{seed}"
+
+
+def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]:
+    run_dir = args.output_dir / run_name(arch, args.recipe, seed)
+    command = shlex.split(args.launcher) + ["-m", "cardinal.train"]
+    state = read_trainer_state(run_dir)
+    if state is not None:
+        return command + ["--resume", str(run_dir), "--epochs", str(args.epochs), *extra]
+    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), "--epochs", str(args.epochs),
+                      "--dataset", args.dataset, "--data-dir", args.data_dir, "--output-dir",
+                      str(args.output_dir), "--run-name", run_name(arch, args.recipe, seed), *extra]
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    state = read_trainer_state(run_dir)
+    return state is not None and state.get("epoch", 0) >= epochs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        split = argv.index("--")
+        argv, passthrough = argv[:split], argv[split + 1:]
+    else:
+        passthrough = []
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    extra = unknown + passthrough
+    for arch in args.archs:
+        for seed in args.seeds:
+            run_dir = args.output_dir / run_name(arch, args.recipe, seed)
+            if finished(run_dir, args.epochs):
+                print(f"{run_dir}: already trained for {args.epochs} epochs, skipped", flush=True)
+                continue
+            command = train_command(args, arch, seed, extra)
+            print("$ " + shlex.join(command), flush=True)
+            if args.dry_run:
+                continue
+            try:
+                code = subprocess.call(command)
+            except FileNotFoundError:
+                raise CardinalError(f"launcher not found: {command[0]} (see --launcher)") from None
+            if code != 0:
+                raise CardinalError(f"training {arch} (seed {seed}) failed with exit code {code}; "
+                                    f"finished runs are kept in {args.output_dir}, run the study again to resume")
+    if not args.summary or args.dry_run:
+        return 0
+    from cardinal import summary
+
+    extension = {"table": "txt", "markdown": "md", "csv": "csv"}[args.summary_format]
+    summary_args = [str(args.output_dir / run_name(a, args.recipe, s)) for a in args.archs for s in args.seeds]
+    summary_args += ["--format", args.summary_format, "--output", str(args.output_dir / f"summary.{extension}")]
+    if args.report_epochs:
+        summary_args += ["--epochs", *map(str, args.report_epochs)]
+    if args.plot:
+        summary_args += ["--plot", str(args.output_dir / "summary.png")]
+    (args.output_dir / "study.json").write_text(json.dumps(
+        {"archs": args.archs, "seeds": args.seeds, "epochs": args.epochs, "recipe": args.recipe,
+         "dataset": args.dataset, "launcher": args.launcher, "train_args": extra}, indent=2))
+    return summary.main(summary_args)
+
+
+if __name__ == "__main__":
+    run(main)
