@@ -4,7 +4,7 @@
         --memory-formats nchw channels_last --output bench.csv
 
 Each configuration is measured for cardinal's model and for the same architecture built from
-torchvision's classes (``cardinal.reference``), in the same process, alternating, after warm-up steps.
+torchvision's classes (``cardinal.reference``), in the same process, one right after the other, after warm-up steps.
 Achieved TFLOP/s uses the counted forward FLOPs (x3 for a training step).
 """
 
@@ -19,10 +19,9 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 
-from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_int, run
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
@@ -144,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.output.touch()
     except OSError as error:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
-    console = Console()
+    console = make_console()
     console.print(f"benchmarking on {device} ({torch.get_num_threads()} threads), "
                   f"{args.steps} steps after {args.warmup} warm-up steps per configuration")
     frame = run_benchmark(args.archs, args.batch_sizes, args.precisions, args.memory_formats, args.modes,

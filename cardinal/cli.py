@@ -25,6 +25,16 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message} (see --help)")
 
 
+def make_console(**kwargs) -> "Console":
+    """A rich console; in logs and pipes (no terminal) wide enough that tables are not wrapped."""
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal:
+        console.width = max(console.width, 150)
+    return console
+
+
 def fail(message: str) -> NoReturn:
     """Print once (on the main process of a multi-process launch) and exit with code 2."""
     if os.environ.get("RANK", "0") == "0":

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cardinal.cli import make_console
 from cardinal.fileio import atomic_target
 
 CSV_NAME = "epochs.csv"
@@ -108,9 +109,7 @@ class ConsoleReport:
     """
 
     def __init__(self, console: Optional[Console] = None, enabled: bool = True, progress: bool = True):
-        self.console = console or Console()
-        if not self.console.is_terminal:  # logs and CI: wide enough for the whole epoch row
-            self.console.width = max(self.console.width, 150)
+        self.console = console or make_console()
         self.enabled = enabled
         self.show_progress = enabled and progress and self.console.is_terminal
         self._progress: Optional[Progress] = None

@@ -35,8 +35,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--dataset", default="cifar10", help="data set")
     parser.add_argument("--data-dir", default="data", help="CIFAR folder")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/study"), help="where the runs go")
-    parser.add_argument("--launcher", default="accelerate launch",
-                        help="command that starts a training run, e.g. with --config_file")
+    parser.add_argument("--launcher", default=None,
+                        help="command that starts a training run, e.g. 'accelerate launch --config_file X' "
+                             "(default: accelerate launch from this Python environment)")
     parser.add_argument("--report-epochs", nargs="+", type=positive_int, default=None,
                         help="epochs in the summary table (default: 1, 5 and the last)")
     parser.add_argument("--summary-format", choices=("table", "markdown", "csv"), default="table",
@@ -54,7 +55,8 @@ def run_name(arch: str, recipe: str, seed: int) -> str:
 
 def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]:
     run_dir = args.output_dir / run_name(arch, args.recipe, seed)
-    command = shlex.split(args.launcher) + ["-m", "cardinal.train"]
+    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "accelerate.commands.launch"]
+    command = launcher + ["-m", "cardinal.train"]
     state = read_trainer_state(run_dir)
     if state is not None:
         return command + ["--resume", str(run_dir), "--epochs", str(args.epochs), *extra]

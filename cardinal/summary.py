@@ -22,7 +22,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_int, run
 from cardinal.fileio import write_text_atomic
 from cardinal.records import CONFIG_NAME, CSV_NAME
 
@@ -190,19 +190,18 @@ def _result_cells(row) -> List[str]:
     return [row["model"], str(int(row["epoch"]))] + [_cell(row, c, d) for _, c, d in METRICS] + [str(int(row["runs"]))]
 
 
-def render_rich(results: pd.DataFrame, models: pd.DataFrame, lines: List[str], console: Console) -> None:
-    table = Table(title="Results")
-    for header in RESULT_HEADERS:
+def _rich_table(title: str, headers: List[str], rows: List[List[str]]) -> Table:
+    table = Table(title=title)
+    for header in headers:
         table.add_column(header, justify="left" if header == "Model" else "right")
-    for _, row in results.iterrows():
-        table.add_row(*_result_cells(row))
-    console.print(table)
-    sizes = Table(title="Models")
-    for header in MODEL_HEADERS:
-        sizes.add_column(header, justify="left" if header == "Model" else "right")
-    for _, row in models.iterrows():
-        sizes.add_row(*_model_cells(row))
-    console.print(sizes)
+    for cells in rows:
+        table.add_row(*cells)
+    return table
+
+
+def render_rich(results: pd.DataFrame, models: pd.DataFrame, lines: List[str], console: Console) -> None:
+    console.print(_rich_table("Results", RESULT_HEADERS, [_result_cells(r) for _, r in results.iterrows()]))
+    console.print(_rich_table("Models", MODEL_HEADERS, [_model_cells(r) for _, r in models.iterrows()]))
     console.print("Takeaways")
     for line in lines:
         console.print(f"- {line}", highlight=False)
@@ -284,9 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs, results, models, lines = summarize(args.runs, args.epochs)
     if results.empty:
         raise CardinalError(f"none of the runs reached the epochs asked for ({' '.join(map(str, args.epochs))})")
-    console = Console()
     if args.format == "table":
-        capture = Console(file=io.StringIO(), width=max(console.width, 140))
+        capture = Console(file=io.StringIO(), width=max(make_console().width, 140))
         render_rich(results, models, lines, capture)
         text = capture.file.getvalue()
     elif args.format == "markdown":
