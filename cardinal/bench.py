@@ -4,7 +4,8 @@
         --memory-formats nchw channels_last --output bench.csv
 
 Each configuration is measured for cardinal's model and for the same architecture built from
-torchvision's classes (``cardinal.reference``), in the same process, one right after the other, after warm-up steps.
+torchvision's classes (``cardinal.reference``), in the same process, ``--repeats`` times in alternating
+order after warm-up steps; the best of each counts, since noise on a shared machine only slows a run.
 Achieved TFLOP/s uses the counted forward FLOPs (x3 for a training step).
 """
 
@@ -76,7 +77,7 @@ def measure(model: torch.nn.Module, mode: str, batch: int, precision: str, memor
 
 def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: Sequence[str],
                   memory_formats: Sequence[str], modes: Sequence[str], steps: int, warmup: int,
-                  device: torch.device, on_row=None) -> pd.DataFrame:
+                  device: torch.device, repeats: int = 2, on_row=None) -> pd.DataFrame:
     rows: List[Dict] = []
     for arch in archs:
         torch.manual_seed(0)
@@ -85,8 +86,11 @@ def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: 
         flops = count_forward_flops(models["cardinal"])
         params = sum(p.numel() for p in models["cardinal"].parameters())
         for batch, precision, layout, mode in itertools.product(batch_sizes, precisions, memory_formats, modes):
-            rates = {name: measure(model, mode, batch, precision, FORMATS[layout], device, steps, warmup)
-                     for name, model in models.items()}
+            rates = {name: 0.0 for name in models}
+            for repeat in range(repeats):  # alternate the order; the best of each counts
+                for name in (IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]):
+                    rate = measure(models[name], mode, batch, precision, FORMATS[layout], device, steps, warmup)
+                    rates[name] = max(rates[name], rate)
             flops_per_image = flops * (3 if mode == "train" else 1)
             row = {"arch": arch, "params": params, "gflops": flops / 1e9, "mode": mode, "batch": batch,
                    "precision": precision, "memory_format": layout}
@@ -126,6 +130,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--steps", type=positive_int, default=5, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    parser.add_argument("--repeats", type=positive_int, default=2,
+                        help="measurements per implementation, in alternating order; the best counts")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("bench.csv"), help="CSV file to write")
     return parser
@@ -147,7 +153,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     console.print(f"benchmarking on {device} ({torch.get_num_threads()} threads), "
                   f"{args.steps} steps after {args.warmup} warm-up steps per configuration")
     frame = run_benchmark(args.archs, args.batch_sizes, args.precisions, args.memory_formats, args.modes,
-                          args.steps, args.warmup, device,
+                          args.steps, args.warmup, device, args.repeats,
                           on_row=lambda row: console.print(
                               f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} "
                               f"{row['memory_format']}: {row['cardinal_img_per_s']:.1f} img/s "

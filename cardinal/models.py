@@ -60,11 +60,11 @@ class Bottleneck(nn.Module):
             nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        out += x if self.downsample is None else self.downsample(x)  # in place: one activation less
+        return self.relu(out)
 
 
 class BottleneckStack(nn.Module):

@@ -40,7 +40,7 @@ def test_bench_writes_its_csv_with_a_torchvision_column(tmp_path, monkeypatch, c
     assert len(frame) == 2 * 2  # precisions x modes
     assert (frame[["cardinal_img_per_s", "torchvision_img_per_s", "cardinal_tflop_per_s"]] > 0).all().all()
     assert set(frame["mode"]) == {"train", "infer"} and set(frame["precision"]) == {"no", "bf16"}
-    assert measured.count("torchvision.models.resnet") == 4 and measured.count("cardinal.models") == 4
+    assert measured.count("torchvision.models.resnet") == 8 and measured.count("cardinal.models") == 8
     assert "torchvision img/s" in capsys.readouterr().out
 
 
