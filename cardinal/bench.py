@@ -144,6 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.empty(1, device=device)
     except (RuntimeError, ValueError) as error:
         raise CardinalError(f"device {args.device!r} is not usable: {str(error).splitlines()[0]}") from None
+    if args.output.is_dir():
+        raise CardinalError(f"--output {args.output} is a folder; give a CSV file name")
     try:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.touch()
@@ -158,7 +160,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} "
                               f"{row['memory_format']}: {row['cardinal_img_per_s']:.1f} img/s "
                               f"(torchvision {row['torchvision_img_per_s']:.1f})"))
-    write_csv(frame, args.output)
+    try:
+        write_csv(frame, args.output)
+    except OSError as error:
+        raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     console.print(render(frame, f"Throughput on {device}"))
     console.print(f"written {args.output}")
     return 0

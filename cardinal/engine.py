@@ -84,6 +84,7 @@ def train_epoch(
     correct = torch.zeros((), device=device, dtype=torch.int64)
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     steps = images = 0
+    lr = optimizer.param_groups[0]["lr"]
     synchronize(device)
     start = time.perf_counter()
     for images_share, labels_share, global_count in loader:
@@ -106,6 +107,7 @@ def train_epoch(
             accelerator.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scheduler.step()
         steps += 1
         images += global_count
@@ -127,7 +129,7 @@ def train_epoch(
         steps=steps,
         images=images,
         time_s=elapsed,
-        lr=optimizer.param_groups[0]["lr"],
+        lr=lr,
     )
 
 

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.models import list_archs
+from cardinal.records import CSV_NAME
 
 STUDY_ARCHS = ("resnet50", "resnext50_32x4d", "resnext50_flat128")
 
@@ -49,20 +50,33 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run_name(arch: str, recipe: str, seed: int) -> str:
-    return f"{arch}-{recipe}-seed{seed}"
+def run_name(arch: str, recipe: str, dataset: str, seed: int) -> str:
+    """The same name cardinal.train gives a run by default."""
+    return f"{arch}-{recipe}-{dataset}-seed{seed}"
+
+
+def launcher_command(launcher: Optional[str]) -> List[str]:
+    if not launcher:
+        return [sys.executable, "-m", "accelerate.commands.launch"]
+    try:
+        return shlex.split(launcher)
+    except ValueError as error:
+        raise CardinalError(f"cannot parse --launcher {launcher!r}: {error}") from None
 
 
 def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]:
-    run_dir = args.output_dir / run_name(arch, args.recipe, seed)
-    launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "accelerate.commands.launch"]
-    command = launcher + ["-m", "cardinal.train"]
-    state = read_trainer_state(run_dir)
-    if state is not None:
-        return command + ["--resume", str(run_dir), "--epochs", str(args.epochs), *extra]
-    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), "--epochs", str(args.epochs),
-                      "--dataset", args.dataset, "--data-dir", args.data_dir, "--output-dir",
-                      str(args.output_dir), "--run-name", run_name(arch, args.recipe, seed), *extra]
+    """Start the run, or resume it if it has a checkpoint (a changed --dataset is then refused by train)."""
+    name = run_name(arch, args.recipe, args.dataset, seed)
+    run_dir = args.output_dir / name
+    command = launcher_command(args.launcher) + ["-m", "cardinal.train"]
+    common = ["--epochs", str(args.epochs), "--dataset", args.dataset, "--data-dir", args.data_dir]
+    if read_trainer_state(run_dir) is not None:
+        return command + ["--resume", str(run_dir), *common, *extra]
+    if (run_dir / CSV_NAME).exists():
+        raise CardinalError(f"{run_dir} has epoch records but no checkpoint to resume from; move it aside "
+                            "to train that run again")
+    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), *common,
+                      "--output-dir", str(args.output_dir), "--run-name", name, *extra]
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
@@ -82,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     extra = unknown + passthrough
     for arch in args.archs:
         for seed in args.seeds:
-            run_dir = args.output_dir / run_name(arch, args.recipe, seed)
+            run_dir = args.output_dir / run_name(arch, args.recipe, args.dataset, seed)
             if finished(run_dir, args.epochs):
                 print(f"{run_dir}: already trained for {args.epochs} epochs, skipped", flush=True)
                 continue
@@ -102,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cardinal import summary
 
     extension = {"table": "txt", "markdown": "md", "csv": "csv"}[args.summary_format]
-    summary_args = [str(args.output_dir / run_name(a, args.recipe, s)) for a in args.archs for s in args.seeds]
+    summary_args = [str(args.output_dir / run_name(a, args.recipe, args.dataset, s))
+                    for a in args.archs for s in args.seeds]
     summary_args += ["--format", args.summary_format, "--output", str(args.output_dir / f"summary.{extension}")]
     if args.report_epochs:
         summary_args += ["--epochs", *map(str, args.report_epochs)]

@@ -55,7 +55,8 @@ def find_csvs(paths: Sequence[Path]) -> List[Path]:
             found.extend(sorted(path.rglob(CSV_NAME)))
         else:
             raise CardinalError(f"{path} does not exist")
-    return found
+    unique = {csv.resolve(): csv for csv in found}  # a run named twice (runs runs/x) counts once
+    return list(unique.values())
 
 
 def read_run(csv: Path) -> Run:
@@ -100,14 +101,20 @@ def _mean_std(values: pd.Series) -> Tuple[float, float, int]:
     return float(values.mean()), std, len(values)
 
 
-def model_name(key: Tuple) -> str:
-    arch, dataset, recipe = key
-    return f"{arch} ({recipe})"
+def combined(runs: List[Run]) -> pd.DataFrame:
+    """All rows, each with its run, its status and a model label (naming the dataset when runs mix them)."""
+    frame = pd.concat([r.frame.assign(_run=str(r.path), _progress=r.in_progress) for r in runs],
+                      ignore_index=True)
+    label = frame["arch"].astype(str) + " (" + frame["recipe"].astype(str)
+    if frame["dataset"].nunique() > 1:
+        label = label + ", " + frame["dataset"].astype(str)
+    frame["model"] = label + ")"
+    return frame
 
 
 def results_table(runs: List[Run], epochs: Optional[Sequence[int]]) -> pd.DataFrame:
     """One row per model and reported epoch; metrics as mean, std and the number of runs."""
-    frame = pd.concat([r.frame.assign(_run=str(r.path)) for r in runs], ignore_index=True)
+    frame = combined(runs)
     rows = []
     for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
         last = int(group["epoch"].max())
@@ -116,7 +123,7 @@ def results_table(runs: List[Run], epochs: Optional[Sequence[int]]) -> pd.DataFr
             at = group[group["epoch"] == epoch]
             if at.empty:
                 continue
-            row = {"model": model_name(key), "arch": key[0], "dataset": key[1], "recipe": key[2], "epoch": epoch}
+            row = {"model": group["model"].iloc[0], "arch": key[0], "dataset": key[1], "recipe": key[2], "epoch": epoch}
             for _, column, _ in METRICS:
                 row[column], row[f"{column}_std"], row["runs"] = _mean_std(at[column])
             rows.append(row)
@@ -125,13 +132,12 @@ def results_table(runs: List[Run], epochs: Optional[Sequence[int]]) -> pd.DataFr
 
 def models_table(runs: List[Run]) -> pd.DataFrame:
     """Size, arithmetic and achieved speed of each model, with best epoch and run status."""
-    frame = pd.concat([r.frame.assign(_run=str(r.path), _progress=r.in_progress) for r in runs],
-                      ignore_index=True)
+    frame = combined(runs)
     rows = []
     for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
         per_epoch = group.groupby("epoch")["test_acc"].mean()
         rows.append({
-            "model": model_name(key), "arch": key[0], "dataset": key[1], "recipe": key[2],
+            "model": group["model"].iloc[0], "arch": key[0], "dataset": key[1], "recipe": key[2],
             "params": int(group["params"].iloc[0]), "gflops": float(group["gflops"].iloc[0]),
             "img_per_s": float(group["img_per_s"].mean()),
             "train_tflop_per_s": float(group["train_tflop_per_s"].mean()),
@@ -233,12 +239,12 @@ def plot(runs: List[Run], models: pd.DataFrame, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
-    frame = pd.concat([r.frame for r in runs], ignore_index=True)
+    frame = combined(runs)
     figure, (acc, loss, speed) = plt.subplots(1, 3, figsize=(16, 4.5))
     for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
         mean = group.groupby("epoch")[["test_acc", "train_loss"]].mean()
-        acc.plot(mean.index, mean["test_acc"], marker="o", label=model_name(key))
-        loss.plot(mean.index, mean["train_loss"], marker="o", label=model_name(key))
+        acc.plot(mean.index, mean["test_acc"], marker="o", label=group["model"].iloc[0])
+        loss.plot(mean.index, mean["train_loss"], marker="o", label=group["model"].iloc[0])
     from matplotlib.ticker import MaxNLocator
 
     for axis in (acc, loss):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import sys
@@ -92,7 +93,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     how.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: off)")
     how.add_argument("--limit-batches", type=int, default=0, help="training steps per epoch (0: all)")
     how.add_argument("--limit-eval-batches", type=int, default=0, help="evaluation batches per epoch (0: all)")
-    how.add_argument("--eval-only", action="store_true", help="evaluate --init-weights (or --resume) and exit")
+    how.add_argument("--eval-only", action="store_true", help="evaluate --init-weights (or --resume) and exit; weights from a run folder are "
+                          "normalised as in its config.json")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="runs", help="parent folder of run folders")
@@ -141,7 +143,7 @@ def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> Tra
         raise CardinalError(f"cannot resume: {path} not found (is {run_dir} a cardinal run folder?)")
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, AttributeError) as error:
         raise CardinalError(f"cannot resume: {path} is not a valid config ({error})") from None
     fresh_values, saved_values = fresh.to_dict(), saved.to_dict()
     changes: Dict[str, Any] = {}
@@ -164,10 +166,20 @@ def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> Tra
     return replace(saved, recipe=recipe, **{k: v for k, v in changes.items() if hasattr(saved, k)})
 
 
+def _training_normalization(weights: Path, recipe):
+    """Weights from a cardinal run are evaluated with the normalisation they were trained with."""
+    path = weights.parent / CONFIG_NAME
+    try:
+        saved = TrainConfig.from_dict(json.loads(path.read_text())).recipe
+    except (OSError, ValueError, TypeError, AttributeError):
+        return recipe
+    return replace(recipe, mean=saved.mean, std=saved.std)
+
+
 def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        probe = run_dir / f".write-test.{os.getpid()}"  # one per process: ranks probe at the same time
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -193,7 +205,7 @@ def load_splits(config: TrainConfig, accelerator) -> Tuple[Tuple[torch.Tensor, t
     if config.dataset == "synthetic":
         return (synthetic_split(config.synthetic_train, config.synthetic_classes, config.seed, train=True),
                 synthetic_split(config.synthetic_test, config.synthetic_classes, config.seed, train=False))
-    with accelerator.main_process_first():  # only one process downloads
+    with accelerator.local_main_process_first():  # one process per machine downloads
         train = load_cifar(config.dataset, config.data_dir, train=True,
                            download_missing=config.download and accelerator.is_local_main_process)
     test = load_cifar(config.dataset, config.data_dir, train=False)
@@ -364,6 +376,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = resumed_config(resume_dir, config, explicit)
     if args.eval_only and not (config.init_weights or resume_dir):
         raise CardinalError("--eval-only needs --init-weights FILE or --resume RUN_DIR")
+    if args.eval_only and resume_dir is None and not explicit & {"recipe", "mean", "std"}:
+        config = replace(config, recipe=_training_normalization(Path(config.init_weights), config.recipe))
     command = "accelerate launch -m cardinal.train " + shlex.join(argv)
     return train(config, resume_dir, args.eval_only, args.stop_after, command)
 

@@ -50,3 +50,9 @@ def test_bench_bad_output_path_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         run(bench.main, ["--archs", "tiny_resnet", "--output", str(blocker / "x.csv")])
     assert code.value.code == 2 and "cannot write" in capsys.readouterr().err
+
+
+def test_bench_output_that_is_a_folder_exits_2_before_measuring(tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        run(bench.main, ["--archs", "tiny_resnet", "--output", str(tmp_path)])
+    assert code.value.code == 2 and "is a folder" in capsys.readouterr().err

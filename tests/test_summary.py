@@ -37,7 +37,7 @@ def _summary(argv, capsys):
 
 def test_study_leaves_one_run_per_arch_and_seed_and_a_summary(study):
     assert sorted(p.name for p in study.iterdir() if p.is_dir()) == sorted(
-        f"{arch}-seed-seed{seed}" for arch in ARCHS for seed in (0, 1))
+        f"{arch}-seed-synthetic-seed{seed}" for arch in ARCHS for seed in (0, 1))
     text = (study / "summary.md").read_text()
     assert "## Results" in text and "## Takeaways" in text and all(arch in text for arch in ARCHS)
     assert json.loads((study / "study.json").read_text())["archs"] == list(ARCHS)
@@ -50,7 +50,7 @@ def test_study_skips_finished_runs(study):
 
 
 def _csvs(study, arch):
-    return [pd.read_csv(study / f"{arch}-seed-seed{seed}" / "epochs.csv") for seed in (0, 1)]
+    return [pd.read_csv(study / f"{arch}-seed-synthetic-seed{seed}" / "epochs.csv") for seed in (0, 1)]
 
 
 def test_csv_output_matches_the_run_records(study, capsys):
@@ -160,3 +160,38 @@ def test_plot_without_matplotlib_is_one_clear_line(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     code, _, err = _summary([tmp_path, "--plot", tmp_path / "p.png"], capsys)
     assert code == 2 and "cardinal[plot]" in err
+
+
+def test_runs_on_different_datasets_are_told_apart(tmp_path):
+    _record(tmp_path / "a", "net", 0, [50.0])
+    records = RunRecords(tmp_path / "b", {"arch": "net", "dataset": "cifar100", "recipe": "seed", "params": 10,
+                                          "gflops": 1.0, "seed": 0})
+    records.add({"epoch": 1, "train_loss": 1.0, "test_acc": 20.0, "it_per_s": 1.0, "img_per_s": 10.0,
+                 "epoch_time_s": 1.0, "train_tflop_per_s": 0.1})
+    _, results, models, lines = summary.summarize([tmp_path])
+    assert sorted(models["model"]) == ["net (seed, cifar10)", "net (seed, cifar100)"]
+    assert any("-30.00 points" in line for line in lines)
+
+
+def test_a_run_named_twice_counts_once(tmp_path):
+    _record(tmp_path / "r", "a", 0, [50.0])
+    _, results, models, _ = summary.summarize([tmp_path, tmp_path / "r", tmp_path / "r" / "epochs.csv"])
+    assert results.iloc[0]["runs"] == 1 and models.iloc[0]["runs"] == 1
+
+
+def test_study_refuses_records_without_a_checkpoint(tmp_path, capsys):
+    from cardinal import study as study_module
+    _record(tmp_path / "tiny_resnet-seed-synthetic-seed0", "tiny_resnet", 0, [50.0])
+    with pytest.raises(SystemExit) as exit_info:
+        run(study_module.main, ["--archs", "tiny_resnet", "--dataset", "synthetic", "--output-dir",
+                                str(tmp_path), "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "no checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_study_bad_launcher_is_one_line(tmp_path, capsys):
+    from cardinal import study as study_module
+    with pytest.raises(SystemExit) as exit_info:
+        run(study_module.main, ["--archs", "tiny_resnet", "--output-dir", str(tmp_path), "--dry-run",
+                                "--launcher", "accelerate launch 'unclosed"])
+    assert exit_info.value.code == 2 and "--launcher" in capsys.readouterr().err

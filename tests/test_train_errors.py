@@ -127,3 +127,25 @@ def test_non_finite_loss_stops_and_keeps_csv_and_checkpoint(tmp_path, capsys, mo
     _one_line(*_run_cli(argv, capsys), "NaN", "epoch 2", "checkpoint of epoch 1")
     assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1]
     assert (tmp_path / "r" / "checkpoint" / "trainer.json").is_file()
+
+
+def test_interrupted_checkpoint_swap_is_recovered(finished_run, capsys):
+    """A crash between the two renames leaves only .checkpoint.old; resume must find it, and the next
+    save must not trip over leftovers."""
+    (finished_run / "checkpoint").rename(finished_run / ".checkpoint.old")
+    (finished_run / ".checkpoint.new").mkdir()  # a half-written staging folder (no trainer.json)
+    code, err = _run_cli(["--resume", str(finished_run), "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert list(pd.read_csv(finished_run / "epochs.csv")["epoch"]) == [1, 2]
+    assert (finished_run / "checkpoint" / "trainer.json").is_file()
+    assert not (finished_run / ".checkpoint.old").exists() and not (finished_run / ".checkpoint.new").exists()
+
+
+def test_eval_only_uses_the_runs_own_normalization(tmp_path):
+    from cardinal.config import CIFAR10_STD, RECIPES, TrainConfig
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(TrainConfig(recipe=RECIPES["fast"]).to_json())
+    recipe = train_module._training_normalization(run_dir / "model_state.pt", RECIPES["seed"])
+    assert recipe.std == CIFAR10_STD and recipe.lr == RECIPES["seed"].lr
+    assert train_module._training_normalization(tmp_path / "w.pt", RECIPES["seed"]) == RECIPES["seed"]
