@@ -64,6 +64,16 @@ def load_state_dict_file(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     return clean_state_dict(state)
 
 
+def load_weights(model: nn.Module, path: os.PathLike | str, description: str) -> nn.Module:
+    """Load a state_dict file into ``model``; a file for another architecture is one clear error."""
+    try:
+        model.load_state_dict(load_state_dict_file(path))
+    except RuntimeError as error:
+        detail = str(error).strip().splitlines()[-1].strip()
+        raise CardinalError(f"{path} does not match {description}: {detail}") from None
+    return model
+
+
 def _unwrapped(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
@@ -160,15 +170,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     model = build_model(args.arch, num_classes=args.num_classes, stem=args.stem)
     if args.weights is not None:
-        state = load_state_dict_file(args.weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            detail = str(error).strip().splitlines()[-1].strip()
-            raise CardinalError(
-                f"{args.weights} does not match {args.arch} with {args.num_classes} classes and the "
-                f"{args.stem} stem: {detail}"
-            ) from None
+        load_weights(model, args.weights,
+                     f"{args.arch} with {args.num_classes} classes and the {args.stem} stem")
     input_size: Tuple[int, int, int] = (3, args.image_size, args.image_size)
     files = export_model(model, args.output_dir, args.name or args.arch, args.formats, input_size)
     for kind, path in files.written().items():

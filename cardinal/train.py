@@ -93,7 +93,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     how.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: off)")
     how.add_argument("--limit-batches", type=int, default=0, help="training steps per epoch (0: all)")
     how.add_argument("--limit-eval-batches", type=int, default=0, help="evaluation batches per epoch (0: all)")
-    how.add_argument("--eval-only", action="store_true", help="evaluate --init-weights (or --resume) and exit; weights from a run folder are "
+    how.add_argument("--eval-only", action="store_true",
+                     help="evaluate --init-weights (or --resume) and exit; weights from a run folder are "
                           "normalised as in its config.json")
 
     out = parser.add_argument_group("output")
@@ -228,7 +229,7 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
     from accelerate.utils import set_seed
 
     import cardinal
-    from cardinal.export import export_model, load_state_dict_file
+    from cardinal.export import export_model, load_weights
     from cardinal.syncbn import convert_sync_batchnorm
 
     run_dir = resume_dir or Path(config.output_dir) / config.run_name
@@ -248,11 +249,7 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
     model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual)
     cost = model_cost(model, IMAGE_SIZE)
     if config.init_weights:
-        try:
-            model.load_state_dict(load_state_dict_file(config.init_weights))
-        except RuntimeError as error:
-            raise CardinalError(f"{config.init_weights} does not fit {config.arch}: "
-                                f"{str(error).strip().splitlines()[-1].strip()}") from None
+        load_weights(model, config.init_weights, f"{config.arch} with {num_classes} classes")
     if config.sync_bn:
         model = convert_sync_batchnorm(model, accelerator.device)
     if config.channels_last:

@@ -149,3 +149,12 @@ def test_eval_only_uses_the_runs_own_normalization(tmp_path):
     recipe = train_module._training_normalization(run_dir / "model_state.pt", RECIPES["seed"])
     assert recipe.std == CIFAR10_STD and recipe.lr == RECIPES["seed"].lr
     assert train_module._training_normalization(tmp_path / "w.pt", RECIPES["seed"]) == RECIPES["seed"]
+
+
+def test_init_weights_of_another_arch_is_one_line(tmp_path, capsys):
+    import torch
+    from cardinal import build_model
+    torch.save(build_model("tiny_resnext").state_dict(), tmp_path / "w.pt")
+    code, err = _run_cli([*TINY, *SYNTHETIC, "--init-weights", str(tmp_path / "w.pt"), "--output-dir",
+                          str(tmp_path / "o")], capsys)
+    _one_line(code, err, "does not match", "tiny_resnet")
