@@ -7,22 +7,36 @@ Shuffling and augmentation are drawn from a generator seeded by (seed, epoch), o
 split, and looked up by sample index. A sample is therefore cropped and flipped the same way whichever
 process handles it, and the global batches are identical for any number of processes: a 2-process run sees
 exactly what a 1-process run sees, split in two.
+
+The official batches are pickles. They are read by an unpickler that resolves only the few names those files
+contain (numpy's array reconstruction), so a planted batch cannot run code; a missing data set is downloaded
+into a staging folder, md5-checked, and moved into place by one rename.
 """
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import http.client
+import os
 import pickle
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 from cardinal.cli import CardinalError
 
-Split = Tuple[torch.Tensor, torch.Tensor]  # images uint8 (N, 3, H, W), labels int64 (N,)
+Split = tuple[torch.Tensor, torch.Tensor]  # images uint8 (N, 3, H, W), labels int64 (N,)
 
 
 @dataclass(frozen=True)
@@ -31,13 +45,13 @@ class CifarSpec:
     url: str
     archive: str
     archive_md5: str
-    train_files: Tuple[str, ...]
-    test_files: Tuple[str, ...]
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
     label_key: str
     num_classes: int
 
 
-DATASETS: Dict[str, CifarSpec] = {
+DATASETS: dict[str, CifarSpec] = {
     "cifar10": CifarSpec(
         folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -67,35 +81,175 @@ def num_classes_of(dataset: str, synthetic_classes: int = 10) -> int:
     return synthetic_classes if dataset == "synthetic" else DATASETS[dataset].num_classes
 
 
-def find_batches_dir(data_dir: Path, spec: CifarSpec) -> Optional[Path]:
+def missing_files(folder: Path, spec: CifarSpec) -> list[str]:
+    return [name for name in spec.train_files + spec.test_files if not (folder / name).is_file()]
+
+
+def find_batches_dir(data_dir: Path, spec: CifarSpec) -> Path | None:
     """The extracted batch folder: ``data_dir/<folder>``, or ``data_dir`` itself if it is that folder."""
     for candidate in (data_dir / spec.folder, data_dir):
-        if all((candidate / name).is_file() for name in spec.train_files + spec.test_files):
+        if not missing_files(candidate, spec):
             return candidate
     return None
 
 
-def download(data_dir: Path, spec: CifarSpec) -> None:
-    """Fetch and md5-verify the official archive, then extract it into ``data_dir``."""
-    from torchvision.datasets.utils import download_and_extract_archive
+# --- downloading ---------------------------------------------------------------------------------------------
 
-    try:
-        download_and_extract_archive(spec.url, str(data_dir), filename=spec.archive, md5=spec.archive_md5)
-    except Exception as error:  # offline, proxy, checksum or disk errors all end the same way for the user
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+# network (URLError and timeouts are OSErrors), checksum, truncated or damaged archive, full disk
+DOWNLOAD_ERRORS = (OSError, ValueError, EOFError, http.client.HTTPException, tarfile.TarError, zlib.error)
+
+
+def download(data_dir: Path, spec: CifarSpec) -> None:
+    """Fetch the official archive, check its md5, and move the extracted batch folder into ``data_dir``.
+
+    All work happens in a hidden staging folder inside ``data_dir`` that is removed however the download ends;
+    the batch folder appears by one rename once complete, so a failed or interrupted download never leaves
+    anything that could later be taken for the data.
+    """
+    target = data_dir / spec.folder
+    if target.exists():
         raise CardinalError(
-            f"could not download {spec.url} ({reason}); download and extract it by hand into {data_dir}"
+            f"{target} is incomplete (missing {', '.join(missing_files(target, spec))}); complete it, or remove "
+            f"it to download {spec.url} again"
+        )
+    created = not data_dir.exists()
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".cardinal-download-", dir=data_dir) as staging:
+            archive = Path(staging) / spec.archive
+            fetch(spec.url, archive)
+            check_md5(archive, spec.archive_md5)
+            extracted = extract(archive, Path(staging) / "extracted") / spec.folder
+            if missing_files(extracted, spec):
+                raise ValueError(f"the archive lacks {spec.folder}/{', '.join(missing_files(extracted, spec))}")
+            move_into_place(extracted, target, spec)
+    except DOWNLOAD_ERRORS as error:  # offline, proxy, checksum or disk errors all end the same way for the user
+        if created and data_dir.is_dir() and not any(data_dir.iterdir()):
+            data_dir.rmdir()
+        raise CardinalError(
+            f"could not download {spec.url} ({_first_line(error)}); check the network, or download and extract "
+            f"it by hand into {data_dir} and pass --data-dir {data_dir}"
         ) from None
+
+
+def fetch(url: str, destination: Path, timeout_s: float = 60.0) -> None:
+    from torch.hub import tqdm  # tqdm when installed, torch's own minimal bar otherwise
+
+    request = urllib.request.Request(url, headers={"User-Agent": "cardinal"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response, open(destination, "wb") as out:
+        size = response.headers.get("Content-Length")
+        bar = tqdm(total=int(size) if size else None, unit="B", unit_scale=True, desc=f"downloading {url}",
+                   file=sys.stderr)
+        with bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def check_md5(path: Path, expected: str) -> None:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ValueError(f"md5 of the download is {digest.hexdigest()}, expected {expected}")
+
+
+def extract(archive: Path, destination: Path) -> Path:
+    """Unpack a tar archive, refusing members that would land outside ``destination`` (where Python can)."""
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(archive) as tar:
+        tar.extractall(destination, **safe)
+    return destination
+
+
+def move_into_place(extracted: Path, target: Path, spec: CifarSpec) -> None:
+    """One rename; if another process (another node on shared storage) got there first, keep its copy."""
+    try:
+        os.rename(extracted, target)
+    except OSError:
+        if missing_files(target, spec):
+            raise
+
+
+def _first_line(error: BaseException) -> str:
+    if isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError):
+        error = error.reason if isinstance(error.reason, BaseException) else OSError(error.reason)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+# --- reading the batches ---------------------------------------------------------------------------------------
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A batch asked for a global the official files never contain."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """What Python 3 writes for ``bytes`` at pickle protocol 2; only the latin1 form is accepted."""
+    if encoding.lower().replace("-", "").replace("_", "") not in ("latin1", "iso88591"):
+        raise RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1", errors)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """Every name the official batches (numpy.core names) or batches re-saved by numpy 2 (numpy._core names,
+    pickle protocols 2 to 5) refer to: numpy's array and scalar rebuilders, and protocol 2's byte strings."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+        ("__builtin__", "bytes"): bytes,  # empty bytes at protocol 2
+        ("builtins", "bytes"): bytes,
+    }
+    for package in ("numpy.core", "numpy._core"):  # the official files name numpy.core; numpy 2 writes numpy._core
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return allowed
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Reads CIFAR batches without executing code: globals outside a short allow-list are refused."""
+
+    ALLOWED = _allowed_globals()
+
+    def __init__(self, handle: BinaryIO) -> None:
+        super().__init__(handle, encoding="bytes")
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self.ALLOWED[(module, name)]
+        except (KeyError, TypeError):
+            raise RefusedGlobal(_printable(f"{module}.{name}")) from None
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def read_batch(path: Path, label_key: str, num_classes: int) -> Split:
     """One official python batch, checked by structure (the sample and the full set share no md5s)."""
     try:
         with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
+            entry = BatchUnpickler(handle).load()
+    except RefusedGlobal as refused:
+        raise CardinalError(
+            f"refusing to load CIFAR batch {path}: it references {refused.name}, which the official files "
+            f"never contain"
+        ) from None
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
             IndexError, KeyError, ImportError, MemoryError, zlib.error) as error:
-        raise CardinalError(f"cannot read CIFAR batch {path}: {type(error).__name__}: {error}") from None
+        raise CardinalError(f"cannot read CIFAR batch {path}: {type(error).__name__}: {_first_line(error)}") from None
     if not isinstance(entry, dict):
         raise CardinalError(f"corrupt CIFAR batch {path}: expected a dict, found {type(entry).__name__}")
     entry = {key.decode("latin1") if isinstance(key, bytes) else key: value for key, value in entry.items()}
@@ -123,7 +277,8 @@ def load_cifar(dataset: str, data_dir: Path | str, train: bool, download_missing
     if batches is None:
         raise CardinalError(
             f"{dataset} not found in {data_dir} (expected {spec.folder}/ with "
-            f"{', '.join(spec.train_files + spec.test_files)}); pass --download to fetch it or point --data-dir at it"
+            f"{', '.join(spec.train_files + spec.test_files)}); run without --no-download to fetch it, "
+            f"or point --data-dir at it"
         )
     parts = [read_batch(batches / name, spec.label_key, spec.num_classes)
              for name in (spec.train_files if train else spec.test_files)]
@@ -203,7 +358,7 @@ class DeviceLoader:
         self.rank, self.world, self.shuffle, self.augment = rank, world, shuffle, augment
         self.crop_padding, self.seed = crop_padding, seed
         self.epoch = 0
-        self.limit: Optional[int] = None
+        self.limit: int | None = None
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.labels), self.global_batch)
@@ -217,7 +372,7 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _epoch_plan(self) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, ...]]]:
+    def _epoch_plan(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         n = len(self.labels)
         order = (torch.randperm(n, generator=_epoch_generator(self.seed, self.epoch, 0))
                  if self.shuffle else torch.arange(n))
@@ -231,7 +386,7 @@ class DeviceLoader:
             augmentation = tuple(t.to(self.device) for t in (dx, dy, flip))
         return order.to(self.device), augmentation
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """Yields (images, labels, global_count): this process's share and the step's total size."""
         order, augmentation = self._epoch_plan()
         for step in range(len(self)):
@@ -250,12 +405,12 @@ def shard_for_eval(num_samples: int, rank: int, world: int) -> torch.Tensor:
 
 
 def eval_batches(images: torch.Tensor, labels: torch.Tensor, batch: int, normalize: Normalize,
-                 rank: int = 0, world: int = 1) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+                 rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     share = shard_for_eval(len(labels), rank, world).to(images.device)
     for start in range(0, len(share), batch):
         chunk = share[start:start + batch]
         yield normalize(images[chunk]), labels[chunk]
 
 
-def class_counts(labels: torch.Tensor, num_classes: int) -> List[int]:
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
     return torch.bincount(labels.cpu(), minlength=num_classes).tolist()
