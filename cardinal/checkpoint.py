@@ -1,7 +1,13 @@
-"""Epoch-boundary checkpoints: accelerate's ``save_state`` plus the trainer's own progress.
+"""Epoch-boundary checkpoints of a run: model, optimizer, scaler, RNG and the trainer's progress.
 
-A checkpoint is written to a temporary folder and swapped in only when complete, so an interrupted save
-never destroys the previous good one.
+Every file is a plain tensor/number container written with ``torch.save`` and read back with
+``weights_only=True``, so loading a checkpoint can never run code; ``trainer.json`` holds the rest
+(epoch, steps, the schedule's length). A file that cannot be read stops the resume with one line.
+
+Crash safety: a checkpoint is written into a staging folder, completed by ``trainer.json`` (written
+last), and only then swapped in. At every moment at least one complete checkpoint exists among the
+three folders, and :func:`recover` (run before every save and load) promotes the newest complete one
+to ``checkpoint/`` before anything older is deleted.
 """
 
 from __future__ import annotations
@@ -9,13 +15,21 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+import torch
 
 from cardinal.cli import CardinalError
 from cardinal.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.json"
+MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE = "model.pt", "optimizer.pt", "scaler.pt"
+FORMAT = 2
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng_state_{rank}.pt"
 
 
 def _folders(run_dir: Path) -> Dict[str, Path]:
@@ -23,36 +37,47 @@ def _folders(run_dir: Path) -> Dict[str, Path]:
             "previous": run_dir / f".{CHECKPOINT_DIR}.old"}
 
 
-def save_checkpoint(accelerator, run_dir: Path, trainer_state: Dict[str, Any]) -> Path:
-    """Every process calls this (each saves its own RNG state); the main process swaps the folder in.
+def _saved_epoch(folder: Path) -> Optional[int]:
+    """The epoch a complete checkpoint folder holds; None if the folder is incomplete or unreadable."""
+    try:
+        return int(json.loads((folder / TRAINER_STATE).read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
-    ``trainer.json`` is written last, so a folder holding it is complete. A crash at any point leaves a
-    complete checkpoint in one of the three folders, and :func:`checkpoint_dir` finds it.
-    """
-    folders = _folders(run_dir)
-    if accelerator.is_main_process and folders["staging"].exists():
-        shutil.rmtree(folders["staging"])
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(folders["staging"]))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-        shutil.rmtree(folders["previous"], ignore_errors=True)
-        if folders["final"].exists():
-            folders["final"].rename(folders["previous"])
-        folders["staging"].rename(folders["final"])
-        shutil.rmtree(folders["previous"], ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return folders["final"]
+
+def _complete(run_dir: Path) -> List[tuple]:
+    """(epoch, preference, name) of each complete folder, newest first; ``final`` wins a tie."""
+    found = []
+    for preference, (name, folder) in enumerate(_folders(run_dir).items()):
+        epoch = _saved_epoch(folder)
+        if epoch is not None:
+            found.append((epoch, -preference, name))
+    return sorted(found, reverse=True)
 
 
 def checkpoint_dir(run_dir: Path) -> Optional[Path]:
-    """The newest complete checkpoint folder of a run, even if a save was interrupted mid-swap."""
+    """The newest complete checkpoint folder of a run, wherever an interrupted save left it."""
+    complete = _complete(run_dir)
+    return _folders(run_dir)[complete[0][2]] if complete else None
+
+
+def recover(run_dir: Path) -> None:
+    """Make ``checkpoint/`` the newest complete checkpoint and drop the rest (main process only).
+
+    Each step is a rename or the removal of a folder that is not the newest complete one, so a crash
+    here leaves a state this function recovers from again.
+    """
     folders = _folders(run_dir)
-    for name in ("final", "staging", "previous"):
-        if (folders[name] / TRAINER_STATE).is_file():
-            return folders[name]
-    return None
+    complete = _complete(run_dir)
+    if complete and complete[0][2] != "final":
+        newest = folders[complete[0][2]]
+        parking = folders["previous"] if newest != folders["previous"] else folders["staging"]
+        shutil.rmtree(parking, ignore_errors=True)
+        if folders["final"].exists():
+            folders["final"].rename(parking)
+        newest.rename(folders["final"])
+    for name in ("staging", "previous"):
+        shutil.rmtree(folders[name], ignore_errors=True)
 
 
 def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -61,18 +86,93 @@ def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
         return None
     path = folder / TRAINER_STATE
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CardinalError(f"cannot read {path}: {error}") from None
+    if not isinstance(state, dict):
+        raise CardinalError(f"cannot read {path}: expected a JSON object")
+    return state
 
 
-def load_checkpoint(accelerator, run_dir: Path) -> Dict[str, Any]:
-    state = read_trainer_state(run_dir)
-    folder = checkpoint_dir(run_dir)
-    if state is None or folder is None:
-        raise CardinalError(f"no checkpoint in {run_dir} to resume from (nothing was saved yet)")
+def _rng_state() -> Dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_files(accelerator, model, optimizer, folder: Path) -> None:
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True)
+        torch.save(accelerator.unwrap_model(model).state_dict(), folder / MODEL_FILE)
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), folder / SCALER_FILE)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), folder / _rng_file(accelerator.process_index))
+
+
+def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any]) -> Path:
+    """Every process calls this (each saves its RNG state); the main process swaps the folder in.
+
+    A failure (full disk, unwritable folder) raises CardinalError and leaves the previous checkpoint.
+    """
+    folders = _folders(run_dir)
+    if accelerator.is_main_process:
+        recover(run_dir)
+    accelerator.wait_for_everyone()
     try:
-        accelerator.load_state(str(folder))
-    except Exception as error:
-        raise CardinalError(f"cannot load checkpoint {folder}: {str(error).strip().splitlines()[0]}") from None
+        _save_files(accelerator, model, optimizer, folders["staging"])
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            state = {**trainer_state, "format": FORMAT, "world_size": accelerator.num_processes}
+            write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(state, indent=2))
+            recover(run_dir)
+    except (OSError, RuntimeError) as error:
+        shutil.rmtree(folders["staging"], ignore_errors=True) if accelerator.is_main_process else None
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        kept = checkpoint_dir(run_dir)
+        raise CardinalError(f"cannot save a checkpoint in {run_dir}: {reason}; "
+                            + (f"the checkpoint of epoch {_saved_epoch(kept)} is kept" if kept
+                               else "no earlier checkpoint exists")) from None
+    accelerator.wait_for_everyone()
+    return folders["final"]
+
+
+def _load(path: Path, device) -> Any:
+    if not path.is_file():
+        raise CardinalError(f"cannot resume: {path} is missing (incomplete checkpoint)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a damaged or booby-trapped file: refused, never half-used
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CardinalError(f"cannot resume: {path} cannot be read safely ({reason})") from None
+
+
+def load_checkpoint(accelerator, model, optimizer, run_dir: Path) -> Dict[str, Any]:
+    """Restore every saved state into the prepared objects; any unreadable file is an error."""
+    if accelerator.is_main_process:
+        recover(run_dir)
+    accelerator.wait_for_everyone()
+    state = read_trainer_state(run_dir)
+    if state is None:
+        raise CardinalError(f"no checkpoint in {run_dir} to resume from (nothing was saved yet)")
+    folder = _folders(run_dir)["final"]
+    model_state = _load(folder / MODEL_FILE, "cpu")
+    optimizer_state = _load(folder / OPTIMIZER_FILE, "cpu")
+    scaler_state = _load(folder / SCALER_FILE, "cpu") if accelerator.scaler is not None else None
+    rng_path = folder / _rng_file(accelerator.process_index)
+    rng_state = _load(rng_path, "cpu") if rng_path.exists() else None  # absent when the world grew
+    try:
+        accelerator.unwrap_model(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        if scaler_state is not None:
+            accelerator.scaler.load_state_dict(scaler_state)
+        if rng_state is not None:
+            torch.set_rng_state(rng_state["cpu"])
+            if "cuda" in rng_state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng_state["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise CardinalError(f"cannot resume from {folder}: its state does not fit this run ({reason})") from None
     return state

@@ -3,22 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import Callable, NoReturn, Optional, Sequence
+from pathlib import PurePath
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 USAGE_ERROR = 2
+MAX_SEED = 2**32 - 1  # numpy and accelerate's set_seed accept 0 .. 2**32 - 1
 
 
 class CardinalError(Exception):
     """A problem the user can fix (bad flag, missing data, unwritable path); shown as one line."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it tells the reader something.
+
+    Left out: defaults of switches (``--no-x`` is obviously off by default), ``None`` (the help text says
+    what happens), and defaults the help text already states. Paths and lists print as typed.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None
+                or default is argparse.SUPPRESS or action.nargs == 0
+                or isinstance(action, argparse.BooleanOptionalAction)):
+            return text
+        return f"{text} (default: {_shown(default)})"
+
+
+def _shown(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(_shown(v) for v in value)
+    if isinstance(value, PurePath):
+        return str(value)
+    return str(value).replace("%", "%%")
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and usage errors reduced to one line."""
+    """argparse with useful defaults shown in --help and usage errors reduced to one line."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -49,8 +80,29 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value

@@ -8,6 +8,7 @@ no weight decay on norms and biases, and a learning rate that scales with the gl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -79,7 +80,7 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)
     seed: int = 0
     data_dir: str = "data"
-    download: bool = False
+    download: bool = True
     synthetic_train: int = 2048
     synthetic_test: int = 512
     synthetic_classes: int = 10
@@ -98,6 +99,7 @@ class TrainConfig:
     init_weights: Optional[str] = None
     export: bool = True
     progress: bool = True
+    log_with: Tuple[str, ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -107,11 +109,20 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        """Rebuild a saved config; anything but the shape ``to_dict`` writes raises ValueError."""
+        if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict):
+            raise ValueError("expected a JSON object with a 'recipe' object")
         data = dict(data)
-        recipe = data.pop("recipe", {})
+        recipe = data.pop("recipe")
         known = {f.name for f in fields(cls)}
         recipe_values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if k in RECIPE_FIELDS}
-        return cls(recipe=Recipe(**recipe_values), **{k: v for k, v in data.items() if k in known})
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        config = cls(recipe=Recipe(**recipe_values), **values)
+        try:
+            validate_recipe(config.recipe)
+        except CardinalError as error:
+            raise ValueError(str(error)) from None
+        return config
 
 
 def resolve_recipe(name: str, overrides: Dict[str, Any]) -> Recipe:
@@ -125,7 +136,21 @@ def resolve_recipe(name: str, overrides: Dict[str, Any]) -> Recipe:
     return recipe
 
 
+def _finite(*values: Any) -> bool:
+    try:
+        return all(math.isfinite(float(v)) for v in values)
+    except (TypeError, ValueError):
+        return False
+
+
 def validate_recipe(recipe: Recipe) -> None:
+    floats = ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "final_lr_fraction",
+              "grad_clip")
+    for name in floats:
+        if not _finite(getattr(recipe, name)):
+            raise CardinalError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(recipe, name)}")
+    if not (_finite(*recipe.mean) and _finite(*recipe.std)):
+        raise CardinalError(f"--mean and --std must be finite numbers, got {recipe.mean} and {recipe.std}")
     checks = [
         (recipe.epochs >= 1, f"--epochs must be positive, got {recipe.epochs}"),
         (recipe.batch_size >= 1, f"--batch-size must be positive, got {recipe.batch_size}"),

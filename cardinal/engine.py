@@ -4,6 +4,12 @@ The loss of a step is the mean over the *global* batch: each process sums its pe
 scales by ``world / global_count``, so DDP's gradient average equals the single-process gradient even
 when the last batch splits unevenly. Gradient accumulation splits each process's share into micro-batches
 without changing that sum. Metrics are sums reduced across processes once per epoch.
+
+``train_loss`` is plain cross-entropy whatever the objective (label smoothing changes only what is
+optimised, reported as ``objective``), so it reads on the same scale as ``test_loss``.
+
+Before evaluating, every rank takes rank 0's BatchNorm buffers (as DDP itself does before each forward),
+so the accuracy reported is that of the model the main process checkpoints and exports.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cardinal.data import DeviceLoader, Normalize, eval_batches
+from cardinal.optim import ScheduledLR
 
 StepCallback = Callable[[Optional[float]], None]
 
@@ -29,9 +36,11 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainStats:
-    loss: float
+    loss: float  # plain cross-entropy
+    objective: float  # what was optimised (cross-entropy with label smoothing, if any)
     accuracy: float
     steps: int
+    skipped_steps: int  # optimizer steps the fp16 GradScaler skipped (inf/NaN gradients)
     images: int
     time_s: float
     lr: float
@@ -64,12 +73,24 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    """Per-sample (plain cross-entropy, objective) from one log-softmax.
+
+    The objective equals ``F.cross_entropy(..., label_smoothing=e)``: (1 - e) * NLL + e * mean_k(-log p_k).
+    """
+    log_probs = logits.float().log_softmax(1)
+    plain = -log_probs.gather(1, targets.view(-1, 1)).squeeze(1)
+    if not label_smoothing:
+        return plain, plain
+    return plain, (1 - label_smoothing) * plain - label_smoothing * log_probs.mean(1)
+
+
 def train_epoch(
     accelerator,
     model: nn.Module,
     loader: DeviceLoader,
     optimizer: torch.optim.Optimizer,
-    scheduler,
+    lr_schedule: ScheduledLR,
     label_smoothing: float = 0.0,
     grad_accum: int = 1,
     grad_clip: float = 0.0,
@@ -80,35 +101,36 @@ def train_epoch(
     """Train for one pass over ``loader`` (or ``max_steps`` optimizer steps, whichever ends first)."""
     device, world = accelerator.device, accelerator.num_processes
     model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # plain loss, objective, correct
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
-    steps = images = 0
-    lr = optimizer.param_groups[0]["lr"]
+    steps = skipped = images = 0
+    lr = lr_schedule.apply()
     synchronize(device)
     start = time.perf_counter()
     for images_share, labels_share, global_count in loader:
         if max_steps is not None and steps >= max_steps:
             break
+        lr = lr_schedule.apply()
         micro = max(1, min(grad_accum, global_count // world))
         chunks = list(zip(images_share.tensor_split(micro), labels_share.tensor_split(micro)))
         for index, (inputs, targets) in enumerate(chunks):
             last = index == len(chunks) - 1
             with nullcontext() if last else accelerator.no_sync(model):
                 logits = model(inputs)
-                per_sample = F.cross_entropy(logits.float(), targets, reduction="none",
-                                             label_smoothing=label_smoothing)
-                summed = per_sample.sum()
+                plain, objective = losses(logits, targets, label_smoothing)
+                summed = objective.sum()
                 accelerator.backward(summed * (world / global_count))
-            loss_sum += summed.detach().double()
-            correct += (logits.detach().argmax(1) == targets).sum()
+            sums[0] += plain.detach().sum().double()
+            sums[1] += summed.detach().double()
+            sums[2] += (logits.detach().argmax(1) == targets).sum().double()
             nonfinite += (~torch.isfinite(summed.detach())).long()
         if grad_clip > 0 and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
-        scheduler.step()
+        applied = not getattr(optimizer, "step_was_skipped", False)
+        lr_schedule.advance(applied)
+        skipped += not applied
         steps += 1
         images += global_count
         shown = None
@@ -120,17 +142,27 @@ def train_epoch(
             on_step(shown)
     if accelerator.reduce(nonfinite.clone(), "sum").item():
         raise NonFiniteLoss(f"step {steps}")
-    totals = accelerator.reduce(torch.stack([loss_sum, correct.double()]), "sum")
+    totals = accelerator.reduce(sums, "sum")
     synchronize(device)
     elapsed = time.perf_counter() - start
     return TrainStats(
         loss=totals[0].item() / max(1, images),
-        accuracy=100.0 * totals[1].item() / max(1, images),
+        objective=totals[1].item() / max(1, images),
+        accuracy=100.0 * totals[2].item() / max(1, images),
         steps=steps,
+        skipped_steps=skipped,
         images=images,
         time_s=elapsed,
         lr=lr,
     )
+
+
+def broadcast_buffers(accelerator, model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), which is what gets saved."""
+    if accelerator.num_processes < 2 or not torch.distributed.is_initialized():
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
 
 
 @torch.no_grad()
@@ -145,6 +177,7 @@ def evaluate(
 ) -> EvalStats:
     """Loss and accuracy over the whole split; each process takes a disjoint contiguous shard."""
     device = accelerator.device
+    broadcast_buffers(accelerator, model)
     network = accelerator.unwrap_model(model)  # no DDP hooks: shards may differ by one batch
     was_training = network.training
     network.eval()

@@ -10,17 +10,18 @@ torch releases deprecate it, so its warning is silenced here and the README says
 from __future__ import annotations
 
 import copy
+import io
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
-from cardinal.fileio import atomic_target
+from cardinal.fileio import write_bytes_atomic
 from cardinal.models import STEMS, build_model, list_archs
 from cardinal.syncbn import revert_sync_batchnorm
 
@@ -90,12 +91,27 @@ def script_model(model: nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.script(_plain_eval_copy(model))
 
 
+def _write(path: os.PathLike | str, save: Callable[[io.BytesIO], None]) -> Path:
+    """Serialise in memory, then write with Python: a full disk is an OSError here, where torch's own
+    file writers can abort the whole process."""
+    buffer = io.BytesIO()
+    save(buffer)
+    try:
+        write_bytes_atomic(path, buffer.getvalue())
+    except OSError as error:
+        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
+    return Path(path)
+
+
 def export_torchscript(model: nn.Module, path: os.PathLike | str) -> Path:
     scripted = script_model(model)
-    with atomic_target(path) as temp, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
-        torch.jit.save(scripted, str(temp))
-    return Path(path)
+
+    def save(buffer: io.BytesIO) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+            torch.jit.save(scripted, buffer)
+
+    return _write(path, save)
 
 
 def export_program(
@@ -105,15 +121,12 @@ def export_program(
     module = _plain_eval_copy(model)
     example = (torch.randn(2, *input_size),)
     program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-    with atomic_target(path) as temp:
-        torch.export.save(program, str(temp))
-    return Path(path)
+    return _write(path, lambda buffer: torch.export.save(program, buffer))
 
 
 def save_state_dict(model: nn.Module, path: os.PathLike | str) -> Path:
-    with atomic_target(path) as temp:
-        torch.save(clean_state_dict(_plain_eval_copy(model).state_dict()), temp)
-    return Path(path)
+    state = clean_state_dict(_plain_eval_copy(model).state_dict())
+    return _write(path, lambda buffer: torch.save(state, buffer))
 
 
 def export_model(

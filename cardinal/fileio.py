@@ -23,5 +23,13 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
 
 
 def write_text_atomic(path: os.PathLike | str, text: str) -> None:
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
+    """Write, flush to disk, then swap in: a full disk fails here and leaves the old file as it was."""
     with atomic_target(path) as temp:
-        temp.write_text(text)
+        with open(temp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())

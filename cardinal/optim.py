@@ -1,9 +1,15 @@
-"""Optimizer and learning-rate schedule of a recipe."""
+"""Optimizer and learning-rate schedule of a recipe.
+
+The schedule is a pure function of the number of optimizer steps actually applied, so a resumed run
+rebuilds it from two numbers in its checkpoint (no pickled scheduler object), and steps that fp16's
+GradScaler skips do not move it.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -28,24 +34,50 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
                            nesterov=recipe.nesterov and recipe.momentum > 0)
 
 
-def lr_factor(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the peak LR at optimizer step ``step`` (0-based), for LambdaLR."""
+@dataclass(frozen=True)
+class Schedule:
+    """Multiplier of the peak LR at applied step ``step`` (0-based): linear warm-up, then the decay."""
+
+    kind: str  # constant | cosine | onecycle (linear decay)
+    total_steps: int
+    warmup_steps: int
+    floor: float  # final LR / peak LR
+
+    @property
+    def depends_on_length(self) -> bool:
+        """Whether changing the run's length would change the LR of steps already taken."""
+        return self.kind != "constant"
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        if self.kind == "cosine":
+            return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.floor + (1 - self.floor) * (1 - progress)
+
+
+def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Schedule:
     total = max(1, recipe.epochs * steps_per_epoch)
     warmup = min(total, int(round(recipe.warmup_epochs * steps_per_epoch)))
-    floor = recipe.final_lr_fraction
-
-    def factor(step: int) -> float:
-        if recipe.schedule == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if recipe.schedule == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)  # onecycle: linear up, linear down
-
-    return factor
+    return Schedule(recipe.schedule, total, warmup, recipe.final_lr_fraction)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, steps_per_epoch))
+class ScheduledLR:
+    """Sets each step's LR from the schedule and counts the steps that were really applied."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, peak_lr: float, step: int = 0):
+        self.optimizer, self.schedule, self.peak_lr, self.step = optimizer, schedule, peak_lr, step
+
+    def apply(self) -> float:
+        """Set the LR for the coming optimizer step and return it."""
+        lr = self.peak_lr * self.schedule.factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def advance(self, applied: bool = True) -> None:
+        if applied:
+            self.step += 1

@@ -16,16 +16,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cardinal.cli import make_console
+from cardinal.cli import CardinalError, make_console
 from cardinal.fileio import atomic_target
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
 
 EPOCH_COLUMNS = (
-    "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s",
-    "eval_time_s", "steps", "it_per_s", "img_per_s", "train_tflop_per_s", "peak_mem_mb", "train_images",
-    "test_images",
+    "epoch", "train_loss", "train_objective", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
+    "train_time_s", "eval_time_s", "steps", "skipped_steps", "it_per_s", "img_per_s", "train_tflop_per_s",
+    "peak_mem_mb", "train_images", "test_images",
 )
 RUN_COLUMNS = (
     "run_name", "arch", "dataset", "recipe", "params", "gflops", "image_size", "global_batch", "world_size",
@@ -44,6 +44,7 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
     return {
         "epoch": epoch,
         "train_loss": train.loss,
+        "train_objective": train.objective,
         "train_acc": train.accuracy,
         "test_loss": test.loss,
         "test_acc": test.accuracy,
@@ -52,6 +53,7 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
         "train_time_s": train.time_s,
         "eval_time_s": test.time_s,
         "steps": train.steps,
+        "skipped_steps": train.skipped_steps,
         "it_per_s": train.steps / seconds,
         "img_per_s": train.images / seconds,
         "train_tflop_per_s": train.images * train_flops_per_image / seconds / 1e12,
@@ -67,7 +69,24 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path)
+    """A run's epochs.csv; anything that is not one (garbage, empty, missing columns) is a CardinalError."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CardinalError(f"cannot read {path}: {reason}") from None
+    missing = [c for c in ("epoch", "test_acc") if c not in frame.columns]
+    if missing:
+        raise CardinalError(f"{path} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")
+    if not pd.api.types.is_numeric_dtype(frame["epoch"]) or frame["epoch"].isna().any():
+        raise CardinalError(f"{path} is not a cardinal epochs CSV (its epoch column is not numeric)")
+    return frame
+
+
+def steady_state(frame: pd.DataFrame, column: str) -> float:
+    """Median of a speed column over epochs 2..N (epoch 1 holds warm-up and compilation), or epoch 1 alone."""
+    later = frame[frame["epoch"] >= 2]
+    return float((later if not later.empty else frame)[column].median())
 
 
 class RunRecords:
@@ -94,12 +113,24 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-EPOCH_VIEW = (  # column title, key, digits, width
-    ("Epoch", "epoch", 0, 5), ("Train loss", "train_loss", 4, 10), ("Train acc %", "train_acc", 2, 11),
-    ("Test loss", "test_loss", 4, 9), ("Test acc %", "test_acc", 2, 10), ("LR", "lr", 5, 8),
-    ("it/s", "it_per_s", 2, 7), ("img/s", "img_per_s", 1, 8), ("TFLOP/s", "train_tflop_per_s", 3, 7),
-    ("Epoch s", "epoch_time_s", 1, 8), ("Peak MB", "peak_mem_mb", 0, 8),
+def _fmt_lr(value: float, _digits: int = 0) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3g}"
+
+
+# One row per epoch, 72 columns wide (an 80-column terminal holds it): (title, key, formatter, digits,
+# width). it/s and the image counts are in the CSV; img/s is the comparable speed. A number wider than
+# its column widens it rather than being cut.
+EPOCH_VIEW = (
+    ("Epoch", "epoch", _fmt, 0, 5), ("Train loss", "train_loss", _fmt, 4, 6),
+    ("Train acc", "train_acc", _fmt, 2, 6), ("Test loss", "test_loss", _fmt, 4, 6),
+    ("Test acc", "test_acc", _fmt, 2, 6), ("LR", "lr", _fmt_lr, 0, 7), ("img/s", "img_per_s", _fmt, 1, 7),
+    ("TFLOP/s", "train_tflop_per_s", _fmt, 3, 7), ("Time s", "epoch_time_s", _fmt, 1, 6),
+    ("Peak MB", "peak_mem_mb", _fmt, 0, 7),
 )
+
+
+def epoch_cells(row: Dict[str, Any]) -> List[str]:
+    return [format_(row.get(key), digits) for _, key, format_, digits, _ in EPOCH_VIEW]
 
 
 class ConsoleReport:
@@ -146,11 +177,12 @@ class ConsoleReport:
             self._progress = None
         if not self.enabled:
             return
+        cells = epoch_cells(row)
         table = Table(show_header=not self._header_printed, box=None, pad_edge=False, show_edge=False,
                       padding=(0, 1))
-        for title, _, _, width in EPOCH_VIEW:
-            table.add_column(title, justify="right", min_width=width, max_width=width + 2)
-        table.add_row(*(_fmt(row.get(key), digits) for _, key, digits, _ in EPOCH_VIEW))
+        for (title, _, _, _, width), cell in zip(EPOCH_VIEW, cells):
+            table.add_column(title, justify="right", width=max(width, len(cell)))
+        table.add_row(*cells)
         self.console.print(table)
         self._header_printed = True
 
@@ -169,9 +201,9 @@ class ConsoleReport:
             ("Epochs", f"{int(last['epoch'])}"),
             ("Final test acc %", _fmt(last["test_acc"], 2)),
             ("Best test acc %", f"{best['test_acc']:.2f} (epoch {int(best['epoch'])})"),
-            ("Mean img/s", _fmt(frame["img_per_s"].mean(), 1)),
-            ("Mean it/s", _fmt(frame["it_per_s"].mean(), 2)),
-            ("Mean TFLOP/s", _fmt(frame["train_tflop_per_s"].mean(), 3)),
+            ("img/s (median, epochs 2+)", _fmt(steady_state(frame, "img_per_s"), 1)),
+            ("it/s (median, epochs 2+)", _fmt(steady_state(frame, "it_per_s"), 2)),
+            ("TFLOP/s (median, epochs 2+)", _fmt(steady_state(frame, "train_tflop_per_s"), 3)),
             ("Total time s", _fmt(frame["epoch_time_s"].sum(), 1)),
             ("Precision / world", f"{first['precision']} / {int(first['world_size'])}"),
             ("Device", str(first["device"])),

@@ -1,46 +1,65 @@
 """Train a registered architecture on CIFAR with Accelerate; one CSV row per epoch.
 
-    accelerate launch -m cardinal.train --arch resnet50 --download
+    accelerate launch -m cardinal.train --arch resnet50
     accelerate launch -m cardinal.train --arch resnext50_32x4d --recipe fast --mixed-precision bf16
 
 Flow: arguments -> TrainConfig -> (data, model) -> Accelerator.prepare -> epochs -> records -> files.
+``train`` reads as its three steps: set up, run the epochs (``StopRule`` alone decides when they end),
+finish (export, final table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import time
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 
-from cardinal.checkpoint import load_checkpoint, save_checkpoint
-from cardinal.cli import ArgumentParser, CardinalError, positive_float, positive_int, run
+from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from cardinal.cli import (ArgumentParser, CardinalError, finite_float, non_negative_int, positive_float,
+                          positive_int, run, seed_int)
 from cardinal.config import AUGMENTATIONS, RECIPE_FIELDS, RECIPES, SCHEDULES, TrainConfig, resolve_recipe
-from cardinal.cost import model_cost
+from cardinal.cost import ModelCost, model_cost
 from cardinal.data import (DATASET_CHOICES, DeviceLoader, Normalize, load_cifar, num_classes_of,
                            synthetic_split)
 from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_memory, train_epoch
 from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
+from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row, read_csv
+from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
 
 IMAGE_SIZE = (3, 32, 32)
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
-RESUMABLE_CHANGES = {"epochs", "save_every", "max_steps", "limit_eval_batches", "progress", "export",
-                     "eval_batch_size", "data_dir", "download", "output_dir", "run_name", "stop_after"}
+# --epochs is decided separately (see check_epochs_change).
+RESUMABLE_CHANGES = {"save_every", "max_steps", "limit_eval_batches", "progress", "export", "eval_batch_size",
+                     "data_dir", "download", "output_dir", "run_name", "stop_after", "log_with"}
 
 
 def _recipe_help(knob: str, text: str) -> str:
-    values = ", ".join(f"{name}: {getattr(recipe, knob)}" for name, recipe in RECIPES.items())
+    values = ", ".join(f"{name}: {_shown(getattr(recipe, knob))}" for name, recipe in RECIPES.items())
     return f"{text} (default from --recipe; {values})"
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def run_name_arg(text: str) -> str:
+    """A run name is one folder name: it cannot point outside --output-dir."""
+    if text and (text in (".", "..") or Path(text).name != text or "/" in text or "\\" in text):
+        raise argparse.ArgumentTypeError(f"must be a single folder name, got {text!r}")
+    return text
 
 
 def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
@@ -50,12 +69,15 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                       help=f"architecture: {', '.join(list_archs())}")
     what.add_argument("--dataset", default="cifar10", choices=DATASET_CHOICES, help="data set")
     what.add_argument("--data-dir", default="data", help="folder holding (or receiving) the CIFAR python batches")
-    what.add_argument("--download", action="store_true", help="download and verify the official archive if missing")
+    what.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                      help="download and md5-verify CIFAR into --data-dir when it is missing (the default); "
+                           "--no-download for offline machines")
     what.add_argument("--synthetic-train", type=positive_int, default=2048, help="synthetic: training images")
     what.add_argument("--synthetic-test", type=positive_int, default=512, help="synthetic: test images")
     what.add_argument("--synthetic-classes", type=positive_int, default=10, help="synthetic: classes")
-    what.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    what.add_argument("--init-weights", default=None, help="start from this state_dict file")
+    what.add_argument("--seed", type=seed_int, default=0,
+                      help="seed of initialisation, shuffling and augmentation (0 to 4294967295)")
+    what.add_argument("--init-weights", default=None, help="start from this state_dict file (default: random)")
 
     recipe = parser.add_argument_group("recipe (every knob overrides the chosen recipe)")
     recipe.add_argument("--recipe", default="seed", choices=list(RECIPES),
@@ -64,23 +86,26 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--epochs", type=positive_int, help=_recipe_help("epochs", "epochs to train"))
     knob("--batch-size", type=positive_int, help=_recipe_help("batch_size", "global batch per optimizer step"))
     knob("--lr", type=positive_float, help=_recipe_help("lr", "learning rate"))
-    knob("--lr-scale-batch", type=int, help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
-    knob("--momentum", type=float, help=_recipe_help("momentum", "SGD momentum"))
+    knob("--lr-scale-batch", type=non_negative_int,
+         help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
+    knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum"))
     knob("--nesterov", action=argparse.BooleanOptionalAction, help=_recipe_help("nesterov", "Nesterov momentum"))
-    knob("--weight-decay", type=float, help=_recipe_help("weight_decay", "weight decay"))
-    knob("--no-decay-norm-bias", action=argparse.BooleanOptionalAction,
-         help=_recipe_help("no_decay_norm_bias", "exempt norm weights and biases from weight decay"))
-    knob("--label-smoothing", type=float, help=_recipe_help("label_smoothing", "label smoothing"))
-    knob("--schedule", choices=SCHEDULES, help=_recipe_help("schedule", "LR schedule"))
-    knob("--warmup-epochs", type=float, help=_recipe_help("warmup_epochs", "linear warm-up length"))
-    knob("--final-lr-fraction", type=float, help=_recipe_help("final_lr_fraction", "LR at the end / peak LR"))
+    knob("--weight-decay", type=finite_float, help=_recipe_help("weight_decay", "weight decay"))
+    knob("--decay-norm-bias", dest="no_decay_norm_bias", action="store_false",
+         help="apply weight decay to norm weights and biases too (seed recipe: yes)")
+    knob("--no-decay-norm-bias", dest="no_decay_norm_bias", action="store_true",
+         help="exempt norm weights and biases from weight decay (fast recipe: yes)")
+    knob("--label-smoothing", type=finite_float, help=_recipe_help("label_smoothing", "label smoothing"))
+    knob("--schedule", choices=SCHEDULES, help=_recipe_help("schedule", "LR schedule after the warm-up"))
+    knob("--warmup-epochs", type=finite_float, help=_recipe_help("warmup_epochs", "linear warm-up length"))
+    knob("--final-lr-fraction", type=finite_float, help=_recipe_help("final_lr_fraction", "LR at the end / peak LR"))
     knob("--augment", choices=AUGMENTATIONS, help=_recipe_help("augment", "training augmentation"))
-    knob("--crop-padding", type=int, help=_recipe_help("crop_padding", "random-crop padding in pixels"))
-    knob("--mean", type=float, nargs=3, help=_recipe_help("mean", "normalization mean (R G B)"))
-    knob("--std", type=float, nargs=3, help=_recipe_help("std", "normalization std (R G B)"))
+    knob("--crop-padding", type=non_negative_int, help=_recipe_help("crop_padding", "random-crop padding in pixels"))
+    knob("--mean", type=finite_float, nargs=3, help=_recipe_help("mean", "normalization mean (R G B)"))
+    knob("--std", type=positive_float, nargs=3, help=_recipe_help("std", "normalization std (R G B)"))
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
          help=_recipe_help("zero_init_residual", "zero the last BN of each block"))
-    knob("--grad-clip", type=float, help=_recipe_help("grad_clip", "max gradient norm (0: off)"))
+    knob("--grad-clip", type=finite_float, help=_recipe_help("grad_clip", "max gradient norm (0: off)"))
 
     how = parser.add_argument_group("how to run")
     how.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
@@ -90,20 +115,25 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     how.add_argument("--compile", action="store_true", help="torch.compile the model")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
-    how.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps in all (0: off)")
-    how.add_argument("--limit-batches", type=int, default=0, help="training steps per epoch (0: all)")
-    how.add_argument("--limit-eval-batches", type=int, default=0, help="evaluation batches per epoch (0: all)")
+    how.add_argument("--max-steps", type=non_negative_int, default=0,
+                     help="stop after this many optimizer steps in all (0: off)")
+    how.add_argument("--limit-batches", type=non_negative_int, default=0, help="training steps per epoch (0: all)")
+    how.add_argument("--limit-eval-batches", type=non_negative_int, default=0,
+                     help="evaluation batches per epoch (0: all)")
     how.add_argument("--eval-only", action="store_true",
                      help="evaluate --init-weights (or --resume) and exit; weights from a run folder are "
                           "normalised as in its config.json")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="runs", help="parent folder of run folders")
-    out.add_argument("--run-name", default="", help="run folder name (default: <arch>-<recipe>-<dataset>-seed<seed>)")
+    out.add_argument("--run-name", type=run_name_arg, default="",
+                     help="run folder name (default: <arch>-<recipe>-<dataset>-seed<seed>)")
     out.add_argument("--save-every", type=positive_int, default=1, help="checkpoint every N epochs (and at the end)")
     out.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    out.add_argument("--stop-after", type=int, default=0,
+    out.add_argument("--stop-after", type=non_negative_int, default=0,
                      help="end this invocation after N epochs; the schedule still spans --epochs (0: off)")
+    out.add_argument("--log-with", nargs="+", choices=TRACKER_CHOICES, default=[], metavar="TRACKER",
+                     help=f"also log to experiment trackers: {', '.join(TRACKER_CHOICES)} (default: none)")
     out.add_argument("--no-export", dest="export", action="store_false", help="skip the final model export")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     if suppress_defaults:
@@ -120,9 +150,6 @@ def explicit_flags(argv: Optional[Sequence[str]]) -> Set[str]:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k in RECIPE_FIELDS}
     recipe = resolve_recipe(args.recipe, overrides)
-    for name in ("max_steps", "limit_batches", "limit_eval_batches", "stop_after"):
-        if getattr(args, name) < 0:
-            raise CardinalError(f"--{name.replace('_', '-')} must be >= 0")
     run_name = args.run_name or f"{args.arch}-{args.recipe}-{args.dataset}-seed{args.seed}"
     return TrainConfig(
         arch=args.arch, dataset=args.dataset, recipe_name=args.recipe, recipe=recipe, seed=args.seed,
@@ -133,19 +160,40 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         sync_bn=args.sync_bn, eval_batch_size=args.eval_batch_size, save_every=args.save_every,
         max_steps=args.max_steps, limit_batches=args.limit_batches,
         limit_eval_batches=args.limit_eval_batches, init_weights=args.init_weights, export=args.export,
-        progress=args.progress,
+        progress=args.progress, log_with=tuple(args.log_with),
     )
 
 
-def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> TrainConfig:
-    """The saved config, with only the harmless explicitly-given flags applied; conflicts are refused."""
+def read_saved_config(run_dir: Path) -> TrainConfig:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         raise CardinalError(f"cannot resume: {path} not found (is {run_dir} a cardinal run folder?)")
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError, AttributeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as error:
         raise CardinalError(f"cannot resume: {path} is not a valid config ({error})") from None
+    if saved.arch not in list_archs() or saved.dataset not in DATASET_CHOICES:
+        raise CardinalError(f"cannot resume: {path} names an unknown arch or dataset "
+                            f"({saved.arch!r} on {saved.dataset!r})")
+    return saved
+
+
+def check_epochs_change(run_dir: Path, saved: TrainConfig, epochs: int) -> None:
+    """A run may only be lengthened where the LR schedule does not depend on the run's length."""
+    if epochs == saved.recipe.epochs:
+        return
+    length_free = saved.recipe.schedule == "constant"
+    if epochs > saved.recipe.epochs and length_free:
+        return
+    reason = (f"its {saved.recipe.schedule} LR schedule spans {saved.recipe.epochs} epochs, and changing that "
+              "would splice two schedules" if not length_free else "a run cannot be shortened")
+    raise CardinalError(f"cannot resume {run_dir} with --epochs {epochs}: {reason}; resume without --epochs "
+                        "(use --stop-after N to end an invocation early) or start a new run")
+
+
+def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> TrainConfig:
+    """The saved config, with only the harmless explicitly-given flags applied; conflicts are refused."""
+    saved = read_saved_config(run_dir)
     fresh_values, saved_values = fresh.to_dict(), saved.to_dict()
     changes: Dict[str, Any] = {}
     for flag in sorted(explicit - {"resume", "eval_only", "recipe"}):
@@ -153,11 +201,15 @@ def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> Tra
             new, old = fresh_values["recipe"][flag], saved_values["recipe"][flag]
         else:
             new, old = fresh_values.get(flag), saved_values.get(flag)
+        if isinstance(new, (list, tuple)) and isinstance(old, (list, tuple)):
+            new, old = tuple(new), tuple(old)
         if new == old:
             continue
-        if flag not in RESUMABLE_CHANGES:
+        if flag == "epochs":
+            check_epochs_change(run_dir, saved, new)
+        elif flag not in RESUMABLE_CHANGES:
             raise CardinalError(f"cannot resume {run_dir}: it was trained with --{flag.replace('_', '-')} "
-                                f"{old}, not {new}; start a new run instead")
+                                f"{_shown(old)}, not {_shown(new)}; start a new run instead")
         changes[flag] = new
     if "recipe" in explicit and fresh.recipe_name != saved.recipe_name:
         raise CardinalError(f"cannot resume {run_dir}: it was trained with --recipe {saved.recipe_name}, "
@@ -172,12 +224,15 @@ def _training_normalization(weights: Path, recipe):
     path = weights.parent / CONFIG_NAME
     try:
         saved = TrainConfig.from_dict(json.loads(path.read_text())).recipe
-    except (OSError, ValueError, TypeError, AttributeError):
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
         return recipe
     return replace(recipe, mean=saved.mean, std=saved.std)
 
 
-def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
+@contextmanager
+def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
+    """Create (or check) the run folder; a start that fails before writing anything leaves no folder."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test.{os.getpid()}"  # one per process: ranks probe at the same time
@@ -185,21 +240,32 @@ def prepare_run_dir(run_dir: Path, resuming: bool) -> None:
         probe.unlink()
     except OSError as error:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
-    if not resuming and (run_dir / CSV_NAME).exists():
-        raise CardinalError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it "
-                            "or --run-name to start another")
+    try:
+        if not resuming and (run_dir / CSV_NAME).exists():
+            raise CardinalError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it "
+                                "or --run-name to start another")
+        yield run_dir
+    except BaseException:
+        if created and os.environ.get("RANK", "0") == "0":
+            try:
+                run_dir.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    plural = "thread" if threads == 1 else "threads"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+                return f"{line.split(':', 1)[1].strip()} ({threads} {plural})"
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{platform.processor() or platform.machine()} ({threads} {plural})"
 
 
 def load_splits(config: TrainConfig, accelerator) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
@@ -213,37 +279,96 @@ def load_splits(config: TrainConfig, accelerator) -> Tuple[Tuple[torch.Tensor, t
     return train, test
 
 
-def make_accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig, run_dir: Path, trackers: Sequence[str]):
     from accelerate import Accelerator
 
     try:
         return Accelerator(mixed_precision=config.mixed_precision,
-                           dynamo_backend="inductor" if config.compile else None)
+                           dynamo_backend="inductor" if config.compile else None,
+                           log_with=list(trackers) or None, project_dir=str(run_dir / TRACKING_DIR))
     except (ValueError, RuntimeError) as error:
         raise CardinalError(f"cannot set up Accelerate: {str(error).strip().splitlines()[0]}") from None
 
 
-def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: bool = False,
-          stop_after: int = 0, command: str = "") -> int:
-    import accelerate
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether the prepared model really runs through torch.compile (a flag or ACCELERATE_DYNAMO_BACKEND)."""
+    seen = model
+    for _ in range(3):
+        if hasattr(seen, "_orig_mod"):
+            return True
+        seen = getattr(seen, "module", seen)
+    return False
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """The one place that decides when this invocation stops training."""
+
+    epochs: int  # the run's length, which the schedule spans
+    max_steps: int = 0  # optimizer steps in all (0: off)
+    stop_after: int = 0  # epochs in this invocation (0: off)
+    first_epoch: int = 1
+
+    def steps_left(self, global_step: int) -> Optional[int]:
+        return self.max_steps - global_step if self.max_steps else None
+
+    def done(self, epochs_done: int, global_step: int) -> bool:
+        return (epochs_done >= self.epochs
+                or bool(self.max_steps and global_step >= self.max_steps)
+                or bool(self.stop_after and epochs_done - self.first_epoch + 1 >= self.stop_after))
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimizer steps taken
+    schedule_step: int = 0  # optimizer steps applied (fp16 skips excluded): the schedule's position
+
+
+@dataclass
+class Session:
+    """Everything a run holds once set up."""
+
+    config: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    report: ConsoleReport
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DeviceLoader
+    normalize: Normalize
+    test: Tuple[torch.Tensor, torch.Tensor]
+    cost: ModelCost
+    schedule: Schedule
+    trackers: Tuple[str, ...]
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def evaluate(self):
+        return evaluate(self.accelerator, self.model, *self.test, self.normalize, self.config.eval_batch_size,
+                        self.config.limit_eval_batches)
+
+
+def set_up(config: TrainConfig, run_dir: Path) -> Session:
     from accelerate.utils import set_seed
 
-    import cardinal
-    from cardinal.export import export_model, load_weights
+    from cardinal.export import load_weights
     from cardinal.syncbn import convert_sync_batchnorm
+    from cardinal.threads import use_cpu_threads
 
-    run_dir = resume_dir or Path(config.output_dir) / config.run_name
-    prepare_run_dir(run_dir, resuming=resume_dir is not None or eval_only)
-    accelerator = make_accelerator(config)
-    main_process = accelerator.is_main_process
-    report = ConsoleReport(enabled=main_process, progress=config.progress)
+    trackers = tuple(resolve_trackers(config.log_with)) if config.log_with else ()
+    accelerator = make_accelerator(config, run_dir, trackers)
+    if accelerator.device.type == "cpu":
+        use_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or accelerator.num_processes)
     recipe = config.recipe
     world = accelerator.num_processes
     if recipe.batch_size < world * config.grad_accum:
         raise CardinalError(f"--batch-size {recipe.batch_size} is smaller than processes x --grad-accum "
                             f"({world} x {config.grad_accum})")
     set_seed(config.seed)
-    (train_images, train_labels), (test_images, test_labels) = load_splits(config, accelerator)
+    (train_images, train_labels), test = load_splits(config, accelerator)
     num_classes = num_classes_of(config.dataset, config.synthetic_classes)
 
     model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual)
@@ -254,9 +379,6 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
         model = convert_sync_batchnorm(model, accelerator.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    from cardinal.optim import build_optimizer, build_scheduler
-
     optimizer = build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
@@ -266,101 +388,186 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
                           augment=recipe.augment == "crop-flip", crop_padding=recipe.crop_padding,
                           seed=config.seed)
     loader.limit = config.limit_batches or None
-    test_images, test_labels = test_images.to(device), test_labels.to(device)
-    scheduler = build_scheduler(optimizer, recipe, len(loader))
-    accelerator.register_for_checkpointing(scheduler)
+    if len(loader) == 0:
+        raise CardinalError(f"{len(train_labels)} training images make no step of --batch-size {recipe.batch_size} "
+                            f"over {world} process(es)")
+    report = ConsoleReport(enabled=accelerator.is_main_process, progress=config.progress)
+    return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize,
+                   (test[0].to(device), test[1].to(device)), cost, build_schedule(recipe, len(loader)), trackers)
 
-    start_epoch, global_step, previous = 1, 0, None
-    if resume_dir is not None:
-        state = load_checkpoint(accelerator, run_dir)
-        if (state.get("arch"), state.get("dataset")) != (config.arch, config.dataset):
-            raise CardinalError(f"checkpoint in {run_dir} is for {state.get('arch')} on {state.get('dataset')}")
-        start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-        if (run_dir / CSV_NAME).exists():
-            previous = read_csv(run_dir / CSV_NAME)
-            previous = previous[previous["epoch"] <= state["epoch"]]
 
-    if eval_only:
-        result = evaluate(accelerator, model, test_images, test_labels, normalize, config.eval_batch_size,
-                          config.limit_eval_batches)
-        summary = {"test_loss": result.loss, "test_acc": result.accuracy, "test_images": result.images,
-                   "world_size": world}
-        if main_process:
-            write_text_atomic(run_dir / "eval.json", json.dumps(summary, indent=2))
-        report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-        _finish(accelerator)
-        return 0
+def restore(session: Session, resuming: bool) -> Progress:
+    """Where the run stands: a fresh start, or the newest complete checkpoint of the folder."""
+    if not resuming:
+        return Progress()
+    if read_trainer_state(session.run_dir) is None:
+        session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
+        return Progress()
+    state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir)
+    config = session.config
+    if (state.get("arch"), state.get("dataset")) != (config.arch, config.dataset):
+        raise CardinalError(f"checkpoint in {session.run_dir} is for {state.get('arch')} on {state.get('dataset')}")
+    saved_total = state.get("schedule_total_steps")
+    if session.schedule.depends_on_length and saved_total not in (None, session.schedule.total_steps):
+        raise CardinalError(f"cannot resume {session.run_dir}: its LR schedule spans {saved_total} steps, this "
+                            f"invocation's would span {session.schedule.total_steps}; resume with the run's own "
+                            "settings")
+    return Progress(int(state["epoch"]), int(state["global_step"]),
+                    int(state.get("schedule_step", state["global_step"])))
 
-    if main_process:
-        write_text_atomic(run_dir / CONFIG_NAME, config.to_json())
-    run_info = {
-        "run_name": run_dir.name, "arch": config.arch, "dataset": config.dataset, "recipe": config.recipe_name,
-        "params": cost.params, "gflops": cost.gflops, "image_size": IMAGE_SIZE[-1],
-        "global_batch": recipe.batch_size, "world_size": world, "precision": accelerator.mixed_precision,
-        "channels_last": config.channels_last, "compiled": config.compile, "device": device_name(device),
-        "torch_version": torch.__version__, "accelerate_version": accelerate.__version__,
-        "cardinal_version": cardinal.__version__, "seed": config.seed, "command": command,
+
+def run_info(session: Session) -> Dict[str, Any]:
+    """The identity every CSV row carries: what ran, where, with which versions."""
+    import accelerate
+
+    import cardinal
+
+    config, accelerator = session.config, session.accelerator
+    return {
+        "run_name": session.run_dir.name, "arch": config.arch, "dataset": config.dataset,
+        "recipe": config.recipe_name, "params": session.cost.params, "gflops": session.cost.gflops,
+        "image_size": IMAGE_SIZE[-1], "global_batch": config.recipe.batch_size,
+        "world_size": accelerator.num_processes, "precision": accelerator.mixed_precision,
+        "channels_last": config.channels_last, "compiled": is_compiled(session.model),
+        "device": device_name(accelerator.device), "torch_version": torch.__version__,
+        "accelerate_version": accelerate.__version__, "cardinal_version": cardinal.__version__,
+        "seed": config.seed,
     }
-    records = RunRecords(run_dir, run_info, previous)
-    report.line(f"{config.arch}: {cost.params:,} parameters, {cost.gflops:.2f} GFLOPs/image; {world} process(es) "
-                f"on {run_info['device']}, precision {run_info['precision']}; {len(loader)} steps/epoch "
-                f"of {recipe.batch_size}; records in {run_dir / CSV_NAME}")
 
-    last_saved = start_epoch - 1
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, recipe.epochs + 1):
-        if stop_after and epoch - start_epoch >= stop_after:
-            epoch -= 1
-            break
-        remaining = config.max_steps - global_step if config.max_steps else None
-        if remaining is not None and remaining <= 0:
-            epoch -= 1
-            break
-        loader.set_epoch(epoch)
-        reset_peak_memory(device)
-        report.start_epoch(epoch, recipe.epochs, min(len(loader), remaining or len(loader)))
-        started = time.perf_counter()
-        try:
-            trained = train_epoch(accelerator, model, loader, optimizer, scheduler, recipe.label_smoothing,
-                                  config.grad_accum, recipe.grad_clip, remaining, report.step)
-        except NonFiniteLoss as error:
-            report.end_epoch({})
-            kept = f"the checkpoint of epoch {last_saved}" if last_saved else "no checkpoint (none saved yet)"
-            raise CardinalError(f"loss became NaN/inf at epoch {epoch}, {error}; stopped, keeping "
-                                f"{run_dir / CSV_NAME} and {kept}; lower --lr or set --grad-clip") from None
-        global_step += trained.steps
-        tested = evaluate(accelerator, model, test_images, test_labels, normalize, config.eval_batch_size,
-                          config.limit_eval_batches)
-        row = epoch_row(epoch, trained, tested, time.perf_counter() - started, cost.train_flops,
-                        peak_memory_mb(device))
-        if main_process:
+
+def diverged(epoch: int, what: str, session: Session, progress: Progress) -> CardinalError:
+    kept = (f"the checkpoint of epoch {progress.epoch}" if read_trainer_state(session.run_dir)
+            else "no checkpoint (none saved yet)")
+    return CardinalError(f"{what} became NaN/inf at epoch {epoch}; stopped, keeping {session.run_dir / CSV_NAME} "
+                         f"and {kept}; start a new run with a lower --lr or with --grad-clip")
+
+
+def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Optional[int]) -> Dict[str, Any]:
+    """Train one epoch and evaluate; returns the epoch's row. Non-finite loss or evaluation is an error."""
+    config, device = session.config, session.accelerator.device
+    session.loader.set_epoch(epoch)
+    reset_peak_memory(device)
+    session.report.start_epoch(epoch, config.recipe.epochs, min(len(session.loader), steps_left or len(session.loader)))
+    lr_schedule = ScheduledLR(session.optimizer, session.schedule, config.recipe.effective_lr(),
+                              progress.schedule_step)
+    started = time.perf_counter()
+    try:
+        trained = train_epoch(session.accelerator, session.model, session.loader, session.optimizer, lr_schedule,
+                              config.recipe.label_smoothing, config.grad_accum, config.recipe.grad_clip,
+                              steps_left, session.report.step)
+    except NonFiniteLoss:
+        session.report.end_epoch({})
+        raise diverged(epoch, "the training loss", session, progress) from None
+    tested = session.evaluate()
+    if not math.isfinite(tested.loss):
+        session.report.end_epoch({})
+        raise diverged(epoch, "the test loss", session, progress)
+    progress.epoch, progress.global_step = epoch, progress.global_step + trained.steps
+    progress.schedule_step = lr_schedule.step
+    return epoch_row(epoch, trained, tested, time.perf_counter() - started, session.cost.train_flops,
+                     peak_memory_mb(device))
+
+
+def run_epochs(session: Session, progress: Progress, rule: StopRule, records: RunRecords) -> None:
+    config = session.config
+    while not rule.done(progress.epoch, progress.global_step):
+        epoch = progress.epoch + 1
+        row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step))
+        if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
+            save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
+                "epoch": progress.epoch, "global_step": progress.global_step,
+                "schedule_step": progress.schedule_step, "schedule_total_steps": session.schedule.total_steps,
+                "arch": config.arch, "dataset": config.dataset})
+        if session.main_process:
             records.add(row)
-        report.end_epoch(row)
-        finished = epoch == recipe.epochs or (config.max_steps and global_step >= config.max_steps) \
-            or (stop_after and epoch - start_epoch + 1 >= stop_after)
-        if epoch % config.save_every == 0 or finished:
-            save_checkpoint(accelerator, run_dir, {"epoch": epoch, "global_step": global_step,
-                                                   "arch": config.arch, "dataset": config.dataset})
-            last_saved = epoch
-        if config.max_steps and global_step >= config.max_steps:
-            break
+        session.report.end_epoch(row)
+        if session.trackers:
+            session.accelerator.log(metrics_of(row), step=epoch)
 
-    if config.export and main_process:
-        plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        files = export_model(plain, run_dir, "model", input_size=IMAGE_SIZE)
-        report.line("exported " + ", ".join(str(p) for p in files.written().values()))
-    if main_process:
-        report.final(records.frame(), run_dir)
-    _finish(accelerator)
+
+def evaluate_only(session: Session) -> None:
+    result = session.evaluate()
+    summary = {"test_loss": result.loss, "test_acc": result.accuracy, "test_images": result.images,
+               "world_size": session.accelerator.num_processes}
+    if session.main_process:
+        write_text_atomic(session.run_dir / "eval.json", json.dumps(summary, indent=2))
+    session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
+def finish(session: Session, records: RunRecords) -> None:
+    from cardinal.export import export_model
+
+    if session.config.export and session.main_process:
+        plain = session.accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)
+        files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE)
+        session.report.line("exported " + ", ".join(str(p) for p in files.written().values()))
+    if session.main_process and records.rows:
+        session.report.final(records.frame(), session.run_dir)
+
+
+def write_config(session: Session, config: TrainConfig) -> None:
+    if not session.main_process:
+        return
+    try:
+        write_text_atomic(session.run_dir / CONFIG_NAME, config.to_json())
+    except OSError as error:
+        raise CardinalError(f"cannot write {session.run_dir / CONFIG_NAME}: {error.strerror or error}") from None
+
+
+def previous_rows(session: Session, progress: Progress):
+    """Records of the epochs the checkpoint covers; later ones (written after it) are dropped."""
+    path = session.run_dir / CSV_NAME
+    if progress.epoch == 0 or not path.exists():
+        return None
+    frame = read_csv(path)
+    return frame[frame["epoch"] <= progress.epoch]
+
+
+def header(session: Session, info: Dict[str, Any]) -> str:
+    config, cost = session.config, session.cost
+    return (f"{config.arch}: {cost.params:,} parameters, {cost.gflops:.2f} GFLOPs/image; "
+            f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}"
+            f"{', compiled' if info['compiled'] else ''}; {len(session.loader)} steps/epoch of "
+            f"{config.recipe.batch_size}; records in {session.run_dir / CSV_NAME}")
+
+
+def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: bool = False,
+          stop_after: int = 0, command: str = "") -> int:
+    run_dir = resume_dir or Path(config.output_dir) / config.run_name
+    with run_folder(run_dir, resuming=resume_dir is not None or eval_only):
+        if eval_only and resume_dir is not None and read_trainer_state(run_dir) is None:
+            raise CardinalError(f"--eval-only: {run_dir} holds no complete checkpoint to evaluate")
+        session = set_up(config, run_dir)
+        clean = False
+        try:
+            progress = restore(session, resume_dir is not None)
+            if eval_only:
+                evaluate_only(session)
+                clean = True
+                return 0
+            info = {**run_info(session), "command": command}
+            config = replace(config, compile=info["compiled"])
+            write_config(session, config)
+            records = RunRecords(run_dir, info, previous_rows(session, progress))
+            start_tracking(session.accelerator, session.trackers, run_dir, config.to_dict())
+            session.report.line(header(session, info))
+            rule = StopRule(config.recipe.epochs, config.max_steps, stop_after, progress.epoch + 1)
+            run_epochs(session, progress, rule, records)
+            finish(session, records)
+            clean = True
+        finally:
+            _close(session.accelerator, clean)
     return 0
 
 
-def _finish(accelerator) -> None:
-    """Leave the process group cleanly: a rank exiting with it open can abort the launch."""
-    accelerator.wait_for_everyone()
+def _close(accelerator, clean: bool) -> None:
+    """End trackers; after a clean run also leave the process group together (a rank exiting with it open
+    can abort the launch). After an error other ranks may be mid-step, so nothing waits for them."""
     accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if clean:
+        accelerator.wait_for_everyone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,13 +1,16 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
 from cardinal import build_model
 from cardinal.config import RECIPES, Recipe
 from cardinal.data import DeviceLoader, Normalize, synthetic_split
-from cardinal.engine import NonFiniteLoss, train_epoch
-from cardinal.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from cardinal.engine import NonFiniteLoss, losses, train_epoch
+from cardinal.optim import ScheduledLR, build_optimizer, build_schedule, parameter_groups
 from cardinal.syncbn import CrossProcessBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm
 
 
@@ -33,23 +36,38 @@ def test_fast_recipe_scales_lr_with_batch():
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_warmup_then_decay(schedule):
-    recipe = Recipe(epochs=4, schedule=schedule, warmup_epochs=1, final_lr_fraction=0.1)
-    factor = lr_factor(recipe, steps_per_epoch=10)
-    values = [factor(s) for s in range(40)]
+    plan = build_schedule(Recipe(epochs=4, schedule=schedule, warmup_epochs=1, final_lr_fraction=0.1), 10)
+    values = [plan.factor(s) for s in range(40)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[9:], values[10:])) and values[-1] >= 0.1
-    assert lr_factor(Recipe(), 10)(25) == 1.0
+    assert plan.depends_on_length and plan.total_steps == 40
 
 
-def test_scheduler_drives_the_optimizer():
+def test_constant_schedule_warms_up_and_does_not_depend_on_length():
+    plan = build_schedule(Recipe(epochs=3, schedule="constant", warmup_epochs=0.5), 10)
+    assert [plan.factor(s) for s in range(7)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0])
+    assert not plan.depends_on_length
+    assert build_schedule(Recipe(), 10).factor(0) == 1.0  # the reference study: constant from step 0
+
+
+def test_schedule_drives_the_optimizer_from_any_step():
     recipe = Recipe(epochs=2, schedule="cosine", lr=0.1)
-    model = nn.Linear(2, 2)
-    optimizer = build_optimizer(model, recipe)
-    scheduler = build_scheduler(optimizer, recipe, 5)
+    optimizer = build_optimizer(nn.Linear(2, 2), recipe)
+    plan = build_schedule(recipe, 5)
+    straight = ScheduledLR(optimizer, plan, 0.1)
+    rates = []
     for _ in range(10):
-        optimizer.step()
-        scheduler.step()
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+        rates.append(straight.apply())
+        straight.advance()
+    assert rates[0] == pytest.approx(0.1) and rates[-1] == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    resumed = ScheduledLR(optimizer, plan, 0.1, step=6)  # rebuilt from the step count alone
+    assert resumed.apply() == pytest.approx(rates[6]) and optimizer.param_groups[0]["lr"] == pytest.approx(rates[6])
+
+
+def _loader(accelerator, images=64, batch=32):
+    data, labels = synthetic_split(images)
+    return DeviceLoader(data, labels, batch, Normalize((0.5,) * 3, (0.25,) * 3, accelerator.device),
+                        accelerator.device)
 
 
 def test_non_finite_loss_is_detected():
@@ -57,12 +75,53 @@ def test_non_finite_loss_is_detected():
     model = build_model("tiny_resnet")
     with torch.no_grad():
         model.fc.weight.fill_(float("nan"))
-    images, labels = synthetic_split(64)
-    loader = DeviceLoader(images, labels, 32, Normalize((0.5,) * 3, (0.25,) * 3, accelerator.device),
-                          accelerator.device)
     optimizer = build_optimizer(model, Recipe())
     with pytest.raises(NonFiniteLoss):
-        train_epoch(accelerator, model, loader, optimizer, build_scheduler(optimizer, Recipe(), 2))
+        train_epoch(accelerator, model, _loader(accelerator), optimizer,
+                    ScheduledLR(optimizer, build_schedule(Recipe(), 2), 0.01))
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_steps_the_fp16_scaler_skips_do_not_move_the_schedule(fresh_accelerate_state):
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 training uses (accelerate adds none on CPU)
+    recipe = Recipe(epochs=1, schedule="onecycle", lr=0.1)
+    model = build_model("tiny_resnet")
+    optimizer = build_optimizer(model, recipe)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.fc.weight.register_hook(lambda grad: grad * float("inf"))  # every step overflows: the scaler skips it
+    lr_schedule = ScheduledLR(optimizer, build_schedule(recipe, 2), 0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_epoch(accelerator, model, _loader(accelerator), optimizer, lr_schedule)
+    assert stats.steps == 2 and stats.skipped_steps == 2 and lr_schedule.step == 0
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))  # nothing applied
+
+
+def test_train_loss_is_plain_cross_entropy_whatever_the_objective():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    plain, objective = losses(logits, targets, 0.1)
+    torch.testing.assert_close(plain, F.cross_entropy(logits, targets, reduction="none"))
+    torch.testing.assert_close(objective, F.cross_entropy(logits, targets, reduction="none", label_smoothing=0.1))
+    accelerator = Accelerator(cpu=True)
+    stats = []
+    for smoothing in (0.0, 0.3):  # one step from the same weights on the same batch
+        torch.manual_seed(0)
+        model = build_model("tiny_resnet")
+        optimizer = build_optimizer(model, Recipe())
+        stats.append(train_epoch(accelerator, model, _loader(accelerator), optimizer,
+                                 ScheduledLR(optimizer, build_schedule(Recipe(), 2), 0.01), label_smoothing=smoothing,
+                                 max_steps=1))
+    assert stats[1].loss == pytest.approx(stats[0].loss, rel=1e-9) == stats[0].objective
+    assert stats[1].objective != pytest.approx(stats[1].loss, rel=1e-6)
 
 
 def test_cross_process_batchnorm_is_plain_batchnorm_in_one_process():

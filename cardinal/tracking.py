@@ -1,0 +1,75 @@
+"""Experiment trackers (TensorBoard, Weights & Biases, MLflow, Aim) through Accelerate's own tracking.
+
+Only the main process logs. Every epochs.csv metric is logged per epoch with the epoch as the step, and the
+resolved configuration goes in as hyperparameters. A resumed run writes into the same TensorBoard folder
+and continues the same W&B run (its id is kept in the run folder); MLflow and Aim start a new run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from cardinal.cli import CardinalError
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
+TRACKER_CHOICES = (*TRACKERS, "all")
+TRACKING_DIR = "trackers"
+WANDB_ID_FILE = "wandb_id.txt"
+PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+
+
+def resolve_trackers(names: Sequence[str]) -> List[str]:
+    """The tracker list for Accelerator(log_with=...); each must be installed."""
+    import importlib.util
+
+    chosen = list(TRACKERS) if "all" in names else list(dict.fromkeys(names))
+    missing = [n for n in chosen if importlib.util.find_spec(PACKAGES[n]) is None]
+    if missing:
+        raise CardinalError(f"--log-with {' '.join(missing)} needs: pip install {' '.join(PACKAGES[n] for n in missing)}")
+    return chosen
+
+
+def flat_hyperparameters(config: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested config -> flat {name: bool|int|float|str}, the only values every tracker accepts."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hyperparameters(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+def metrics_of(row: Dict[str, Any]) -> Dict[str, float]:
+    """The numeric, finite values of an epochs.csv row (NaN/inf would break some trackers)."""
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def init_kwargs(trackers: Sequence[str], run_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """Per-tracker start arguments: W&B resumes the run whose id this folder keeps."""
+    kwargs: Dict[str, Dict[str, Any]] = {}
+    if "wandb" in trackers:
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
+        id_file.write_text(run_id)
+        kwargs["wandb"] = {"id": run_id, "resume": "allow", "name": run_dir.name}
+    return kwargs
+
+
+def start_tracking(accelerator, trackers: Sequence[str], run_dir: Path, config: Dict[str, Any]) -> None:
+    if not trackers:
+        return
+    try:
+        extra = init_kwargs(trackers, run_dir) if accelerator.is_main_process else {}
+        accelerator.init_trackers(run_dir.name, config=flat_hyperparameters(config), init_kwargs=extra)
+    except Exception as error:  # a tracker's own setup (login, server) failed
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CardinalError(f"cannot start tracking with {', '.join(trackers)}: {reason}") from None
