@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.models import list_archs
-from cardinal.records import CSV_NAME
+from cardinal.records import CONFIG_NAME
 
 STUDY_ARCHS = ("resnet50", "resnext50_32x4d", "resnext50_flat128")
 
@@ -64,22 +64,50 @@ def launcher_command(launcher: Optional[str]) -> List[str]:
         raise CardinalError(f"cannot parse --launcher {launcher!r}: {error}") from None
 
 
+def planned_run(run_dir: Path) -> Optional[dict]:
+    """The saved config of an existing run folder, or None when there is none."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+        return {"epochs": int(config["recipe"]["epochs"]), "schedule": str(config["recipe"]["schedule"])}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise CardinalError(f"{path} is not a valid run config; move {run_dir} aside to train that run again") from None
+
+
+def check_length(run_dir: Path, planned: dict, epochs: int) -> None:
+    """A study of N epochs may reuse a run planned for N epochs, or extend a constant-schedule one."""
+    if planned["epochs"] == epochs or (planned["epochs"] < epochs and planned["schedule"] == "constant"):
+        return
+    raise CardinalError(f"{run_dir} was planned for {planned['epochs']} epochs ({planned['schedule']} LR "
+                        f"schedule), not {epochs}; its schedule would differ from a {epochs}-epoch run's, "
+                        "so use another --output-dir for this study")
+
+
 def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]:
-    """Start the run, or resume it if it has a checkpoint (a changed --dataset is then refused by train)."""
+    """Start the run, or resume it (a changed --dataset is then refused by train).
+
+    On resume --epochs is passed only to lengthen a constant-schedule run; otherwise the run keeps its own.
+    """
     name = run_name(arch, args.recipe, args.dataset, seed)
     run_dir = args.output_dir / name
     command = launcher_command(args.launcher) + ["-m", "cardinal.train"]
-    common = ["--epochs", str(args.epochs), "--dataset", args.dataset, "--data-dir", args.data_dir]
-    if read_trainer_state(run_dir) is not None:
-        return command + ["--resume", str(run_dir), *common, *extra]
-    if (run_dir / CSV_NAME).exists():
-        raise CardinalError(f"{run_dir} has epoch records but no checkpoint to resume from; move it aside "
-                            "to train that run again")
-    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), *common,
-                      "--output-dir", str(args.output_dir), "--run-name", name, *extra]
+    data = ["--dataset", args.dataset, "--data-dir", args.data_dir]
+    planned = planned_run(run_dir)
+    if planned is not None:
+        check_length(run_dir, planned, args.epochs)
+        longer = ["--epochs", str(args.epochs)] if planned["epochs"] != args.epochs else []
+        return command + ["--resume", str(run_dir), *longer, *data, *extra]
+    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), "--epochs", str(args.epochs),
+                      *data, "--output-dir", str(args.output_dir), "--run-name", name, *extra]
 
 
 def finished(run_dir: Path, epochs: int) -> bool:
+    planned = planned_run(run_dir)
+    if planned is None:
+        return False
+    check_length(run_dir, planned, epochs)
     state = read_trainer_state(run_dir)
     return state is not None and state.get("epoch", 0) >= epochs
 

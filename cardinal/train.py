@@ -546,9 +546,9 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
                 clean = True
                 return 0
             info = {**run_info(session), "command": command}
+            records = RunRecords(run_dir, info, previous_rows(session, progress))  # read before writing
             config = replace(config, compile=info["compiled"])
             write_config(session, config)
-            records = RunRecords(run_dir, info, previous_rows(session, progress))
             start_tracking(session.accelerator, session.trackers, run_dir, config.to_dict())
             session.report.line(header(session, info))
             rule = StopRule(config.recipe.epochs, config.max_steps, stop_after, progress.epoch + 1)

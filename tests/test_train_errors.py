@@ -1,5 +1,7 @@
 """Every error a user can cause exits 2 with one clear line, no traceback, and keeps what was written."""
 
+import errno
+import json
 import os
 import pickle
 
@@ -42,29 +44,55 @@ def _corrupt_copy(sample_dir, tmp_path, damage):
     (["--lr", "0"], ["--lr", "positive"]),
     (["--lr", "abc"], ["--lr"]),
     (["--dataset", "imagenet"], ["--dataset"]),
+    (["--seed", "-1"], ["--seed", "between 0 and"]),
+    (["--seed", "99999999999"], ["--seed", "between 0 and"]),
+    (["--warmup-epochs", "inf"], ["--warmup-epochs", "finite"]),
+    (["--std", "inf", "inf", "inf"], ["--std"]),
+    (["--mean", "nan", "nan", "nan"], ["--mean", "finite"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--label-smoothing", "1.5"], ["--label-smoothing"]),
+    (["--max-steps", "-3"], ["--max-steps"]),
+    (["--run-name", "../../x"], ["--run-name", "single folder name"]),
+    (["--run-name", "/tmp/abs"], ["--run-name", "single folder name"]),
+    (["--run-name", ".."], ["--run-name", "single folder name"]),
+    (["--log-with", "neptune"], ["--log-with"]),
 ])
-def test_bad_flags(capsys, argv, fragments):
-    _one_line(*_run_cli(argv, capsys), *fragments)
+def test_bad_flags(capsys, tmp_path, argv, fragments):
+    _one_line(*_run_cli([*argv, "--output-dir", str(tmp_path)], capsys), *fragments)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_missing_data_dir(tmp_path, capsys):
-    code, err = _run_cli([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path)], capsys)
-    _one_line(code, err, "not found", "--download")
+def test_missing_data_dir_leaves_no_run_folder(tmp_path, capsys):
+    code, err = _run_cli([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--no-download", "--output-dir",
+                          str(tmp_path / "out"), "--run-name", "r"], capsys)
+    _one_line(code, err, "not found", "--no-download")
+    assert not (tmp_path / "out" / "r").exists()
 
 
-def test_truncated_batch_is_named(tmp_path, capsys, sample_dir):
-    data = _corrupt_copy(sample_dir, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]))
+def test_offline_download_is_one_line_naming_the_url(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import cardinal.data
+
+    unreachable = dataclasses.replace(cardinal.data.DATASETS["cifar10"], url="http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.setitem(cardinal.data.DATASETS, "cifar10", unreachable)
+    code, err = _run_cli([*TINY, "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")], capsys)
+    _one_line(code, err, "could not download http://127.0.0.1:9/", "--data-dir")
+
+
+def test_truncated_batch_is_named(tmp_path, capsys, cifar_dir):
+    data = _corrupt_copy(cifar_dir, tmp_path, lambda p: p.write_bytes(p.read_bytes()[:5000]))
     code, err = _run_cli([*TINY, "--data-dir", str(data), "--output-dir", str(tmp_path / "o")], capsys)
     _one_line(code, err, "data_batch_3")
 
 
-def test_batch_with_wrong_structure_is_named(tmp_path, capsys, sample_dir):
+def test_batch_with_wrong_structure_is_named(tmp_path, capsys, cifar_dir):
     def relabel(path):
         with open(path, "rb") as handle:
             entry = pickle.load(handle, encoding="bytes")
         entry[b"labels"] = [12] * len(entry[b"labels"])
         path.write_bytes(pickle.dumps(entry, protocol=2))
-    data = _corrupt_copy(sample_dir, tmp_path, relabel)
+    data = _corrupt_copy(cifar_dir, tmp_path, relabel)
     code, err = _run_cli([*TINY, "--data-dir", str(data), "--output-dir", str(tmp_path / "o")], capsys)
     _one_line(code, err, "data_batch_3", "labels outside")
 
@@ -111,34 +139,94 @@ def test_resume_from_a_folder_without_a_run(tmp_path, capsys):
     _one_line(*_run_cli(["--resume", str(tmp_path)], capsys), "cannot resume")
 
 
-def test_non_finite_loss_stops_and_keeps_csv_and_checkpoint(tmp_path, capsys, monkeypatch):
-    real = train_module.train_epoch
+def _diverge_in_epoch_two(monkeypatch, name, make_result):
+    real = getattr(train_module, name)
     calls = []
 
-    def diverge_in_epoch_two(*args, **kwargs):
+    def patched(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise NonFiniteLoss("step 1")
-        return real(*args, **kwargs)
+        return make_result(*args, **kwargs) if len(calls) == 2 else real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "train_epoch", diverge_in_epoch_two)
+    monkeypatch.setattr(train_module, name, patched)
+
+
+def _raise_non_finite(*args, **kwargs):
+    raise NonFiniteLoss("step 1")
+
+
+def _nan_evaluation(*args, **kwargs):
+    from cardinal.engine import EvalStats
+    return EvalStats(loss=float("nan"), accuracy=10.0, images=64, time_s=0.1)
+
+
+@pytest.mark.parametrize("name, make_result, what", [
+    ("train_epoch", _raise_non_finite, "training loss"),
+    ("evaluate", _nan_evaluation, "test loss"),
+])
+def test_non_finite_training_or_evaluation_stops_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys, monkeypatch, name, make_result, what):
+    _diverge_in_epoch_two(monkeypatch, name, make_result)
     argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "3",
             "--output-dir", str(tmp_path), "--run-name", "r"]
-    _one_line(*_run_cli(argv, capsys), "NaN", "epoch 2", "checkpoint of epoch 1")
+    _one_line(*_run_cli(argv, capsys), "NaN", what, "epoch 2", "checkpoint of epoch 1", "new run")
+    assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1]
+    assert json.loads((tmp_path / "r" / "checkpoint" / "trainer.json").read_text())["epoch"] == 1
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("content", [b"\x80\x81garbage\xff" * 50, b"", b"a,b\n1,2\n", b"epoch,test_acc\nx,y\n"])
+def test_unreadable_records_on_resume_are_one_line_and_change_nothing(finished_run, capsys, content):
+    (finished_run / "epochs.csv").write_bytes(content)
+    before = _snapshot(finished_run)
+    _one_line(*_run_cli(["--resume", str(finished_run)], capsys), "epochs.csv")
+    assert _snapshot(finished_run) == before
+
+
+@pytest.mark.parametrize("config", ['[]', '{"arch": "resnet51", "recipe": {}}', '{"recipe": {"lr": -1}}',
+                                    'not json', '{"recipe": {"std": [0, 0, 0]}}'])
+def test_invalid_saved_config_is_one_line_and_changes_nothing(finished_run, capsys, config):
+    (finished_run / "config.json").write_text(config)
+    before = _snapshot(finished_run)
+    _one_line(*_run_cli(["--resume", str(finished_run)], capsys), "config.json")
+    assert _snapshot(finished_run) == before
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_full_disk_during_checkpoint_save_keeps_the_previous_one(finished_run, capsys, monkeypatch):
+    import cardinal.checkpoint
+
+    before = _snapshot(finished_run)
+    monkeypatch.setattr(cardinal.checkpoint.torch, "save", _no_space)
+    code, err = _run_cli(["--resume", str(finished_run), "--epochs", "2", "--no-export"], capsys)
+    _one_line(code, err, "cannot save a checkpoint", "No space left", "checkpoint of epoch 1 is kept")
+    after = _snapshot(finished_run)
+    assert {k: v for k, v in after.items() if k.name != "config.json"} == \
+        {k: v for k, v in before.items() if k.name != "config.json"}
+
+
+def test_full_disk_during_config_write_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "write_text_atomic", _no_space)
+    argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "r"]
+    _one_line(*_run_cli(argv, capsys), "config.json", "No space left")
+    assert not (tmp_path / "r").exists()
+
+
+def test_full_disk_during_export_is_one_line_and_keeps_the_records(tmp_path, capsys, monkeypatch):
+    import cardinal.export
+
+    monkeypatch.setattr(cardinal.export, "write_bytes_atomic", _no_space)
+    argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "1",
+            "--output-dir", str(tmp_path), "--run-name", "r"]
+    _one_line(*_run_cli(argv, capsys), "cannot write", "model", "No space left")
     assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1]
     assert (tmp_path / "r" / "checkpoint" / "trainer.json").is_file()
-
-
-def test_interrupted_checkpoint_swap_is_recovered(finished_run, capsys):
-    """A crash between the two renames leaves only .checkpoint.old; resume must find it, and the next
-    save must not trip over leftovers."""
-    (finished_run / "checkpoint").rename(finished_run / ".checkpoint.old")
-    (finished_run / ".checkpoint.new").mkdir()  # a half-written staging folder (no trainer.json)
-    code, err = _run_cli(["--resume", str(finished_run), "--epochs", "2"], capsys)
-    assert code == 0, err
-    assert list(pd.read_csv(finished_run / "epochs.csv")["epoch"]) == [1, 2]
-    assert (finished_run / "checkpoint" / "trainer.json").is_file()
-    assert not (finished_run / ".checkpoint.old").exists() and not (finished_run / ".checkpoint.new").exists()
+    assert not list((tmp_path / "r").glob("model*"))
 
 
 def test_eval_only_uses_the_runs_own_normalization(tmp_path):
