@@ -38,11 +38,18 @@ def _folders(run_dir: Path) -> Dict[str, Path]:
 
 
 def _saved_epoch(folder: Path) -> Optional[int]:
-    """The epoch a complete checkpoint folder holds; None if the folder is incomplete or unreadable."""
-    try:
-        return int(json.loads((folder / TRAINER_STATE).read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
+    """The epoch a complete checkpoint folder holds; None if incomplete (no trainer.json yet).
+
+    trainer.json is written atomically, so one that exists but cannot be read was damaged: an error,
+    never a reason to silently fall back to an older state.
+    """
+    path = folder / TRAINER_STATE
+    if not path.is_file():
         return None
+    try:
+        return int(json.loads(path.read_text())["epoch"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise CardinalError(f"cannot read {path}: not a trainer state written by cardinal") from None
 
 
 def _complete(run_dir: Path) -> List[tuple]:

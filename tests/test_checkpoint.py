@@ -1,0 +1,185 @@
+"""Run folders survive crashes at any moment and never run code when loaded.
+
+Crash states are built by arranging the folders as a kill at that moment leaves them; every one must
+resume to the records an uninterrupted run writes, each epoch exactly once.
+"""
+
+import json
+import os
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import cardinal.checkpoint as checkpoint
+import cardinal.train as train_module
+from cardinal.cli import run
+from cardinal.records import TIMING_COLUMNS
+from conftest import SYNTHETIC, TINY
+
+ARGS = [*TINY, *SYNTHETIC, "--synthetic-train", "192", "--synthetic-test", "64", "--recipe", "fast",
+        "--epochs", "3", "--no-export"]
+COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}
+
+
+def _train(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_module.main, argv)
+    err = capsys.readouterr().err.strip()
+    return exit_info.value.code, err
+
+
+def _records(run_dir):
+    frame = pd.read_csv(run_dir / "epochs.csv")
+    return frame[[c for c in frame.columns if c not in COMPARED_OUT]]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 3-epoch run, and the folder of a run stopped after 2 epochs (checkpoints of 1 and 2)."""
+    root = tmp_path_factory.mktemp("runs")
+    for name, extra in (("straight", []), ("two", ["--stop-after", "2"]), ("one", ["--stop-after", "1"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run(train_module.main, [*ARGS, *extra, "--output-dir", str(root), "--run-name", name])
+        assert exit_info.value.code == 0
+    return root
+
+
+def _copy(straight, name, tmp_path):
+    return shutil.copytree(straight / name, tmp_path / name)
+
+
+def _resume_and_compare(run_dir, straight, capsys):
+    code, err = _train(["--resume", str(run_dir), "--no-progress"], capsys)
+    assert code == 0, err
+    pd.testing.assert_frame_equal(_records(run_dir), _records(straight / "straight"), check_exact=False, rtol=1e-6)
+    assert (run_dir / "checkpoint" / "trainer.json").is_file()
+    assert not (run_dir / ".checkpoint.new").exists() and not (run_dir / ".checkpoint.old").exists()
+
+
+def test_kill_during_the_first_save_resumes_from_epoch_one(straight, tmp_path, capsys):
+    run_dir = _copy(straight, "one", tmp_path)
+    (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")
+    (run_dir / ".checkpoint.new" / "trainer.json").unlink()  # the save never completed
+    _resume_and_compare(run_dir, straight, capsys)
+
+
+def test_resume_of_a_folder_with_records_but_no_checkpoint_starts_over(straight, tmp_path, capsys):
+    run_dir = _copy(straight, "one", tmp_path)
+    shutil.rmtree(run_dir / "checkpoint")
+    _resume_and_compare(run_dir, straight, capsys)
+
+
+@pytest.mark.parametrize("arrangement", ["staging-only", "old-and-staging", "old-only", "final-and-staging"])
+def test_kill_during_the_swap_resumes_from_the_newest_complete_checkpoint(straight, tmp_path, capsys, arrangement):
+    run_dir = _copy(straight, "two", tmp_path)
+    one = straight / "one" / "checkpoint"
+    if arrangement == "staging-only":  # the only complete checkpoint is the staged one (epoch 2)
+        (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")
+    elif arrangement == "old-and-staging":  # killed between the two renames
+        (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")
+        shutil.copytree(one, run_dir / ".checkpoint.old")
+    elif arrangement == "old-only":  # epoch 2 never completed; records are ahead of the checkpoint
+        shutil.rmtree(run_dir / "checkpoint")
+        shutil.copytree(one, run_dir / ".checkpoint.old")
+    else:  # epoch 2 staged and complete, checkpoint/ still holds epoch 1
+        (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")
+        shutil.copytree(one, run_dir / "checkpoint")
+    _resume_and_compare(run_dir, straight, capsys)
+
+
+class _FakeAccelerator:
+    """Enough of Accelerator for one process to save a checkpoint."""
+
+    is_main_process = True
+    process_index = 0
+    num_processes = 1
+    scaler = None
+
+    def wait_for_everyone(self):
+        pass
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_a_second_crash_never_deletes_the_only_complete_checkpoint(straight, tmp_path, capsys, monkeypatch):
+    run_dir = _copy(straight, "one", tmp_path)
+    (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")  # the only complete one is staged
+    model = train_module.build_model("tiny_resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    real_save = torch.save
+    saved = []
+
+    def crash_midway(obj, path, *args, **kwargs):
+        saved.append(path)
+        if len(saved) == 2:  # killed while writing the new checkpoint
+            assert checkpoint.checkpoint_dir(run_dir) is not None
+            raise OSError(28, "No space left on device")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
+    with pytest.raises(checkpoint.CardinalError, match="checkpoint of epoch 1 is kept"):
+        checkpoint.save_checkpoint(_FakeAccelerator(), model, optimizer, run_dir, {"epoch": 2})
+    assert json.loads((checkpoint.checkpoint_dir(run_dir) / "trainer.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    _resume_and_compare(run_dir, straight, capsys)
+
+
+class _Trap:
+    """Pickles as a call to os.mkdir: loading it unrestricted would create the marker folder."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "rng_state_0.pt", "trainer.json"])
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_a_trapped_checkpoint_file_never_runs_code(straight, tmp_path, capsys, name, how):
+    import pickle
+
+    run_dir = _copy(straight, "one", tmp_path)
+    marker = tmp_path / "code-ran"
+    target = run_dir / "checkpoint" / name
+    if how == "torch.save":
+        torch.save({"state": _Trap(marker)}, target)
+    else:
+        target.write_bytes(pickle.dumps(_Trap(marker)))
+    before = (run_dir / "epochs.csv").read_bytes()
+    code, err = _train(["--resume", str(run_dir)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert name in err or "trainer.json" in err
+    assert not marker.exists()
+    assert (run_dir / "epochs.csv").read_bytes() == before
+
+
+def test_a_missing_checkpoint_file_stops_the_resume(straight, tmp_path, capsys):
+    run_dir = _copy(straight, "one", tmp_path)
+    (run_dir / "checkpoint" / "optimizer.pt").unlink()
+    code, err = _train(["--resume", str(run_dir)], capsys)
+    assert code == 2 and "optimizer.pt is missing" in err, err
+
+
+def test_the_checkpoint_holds_no_pickled_objects(straight):
+    folder = straight / "two" / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "optimizer.pt", "rng_state_0.pt", "trainer.json"]
+    for path in folder.glob("*.pt"):
+        torch.load(path, weights_only=True)  # plain tensors and numbers only
+    state = json.loads((folder / "trainer.json").read_text())
+    assert state["epoch"] == 2 and state["schedule_total_steps"] == 3 * 3 and state["schedule_step"] == 6
+
+
+def test_resume_with_another_schedule_length_is_refused(straight, tmp_path, capsys):
+    run_dir = _copy(straight, "one", tmp_path)
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, err = _train(["--resume", str(run_dir), "--epochs", "5"], capsys)
+    assert code == 2 and "splice" in err and "--stop-after" in err, err
+    state = run_dir / "checkpoint" / "trainer.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "schedule_total_steps": 99}))
+    code, err = _train(["--resume", str(run_dir)], capsys)
+    assert code == 2 and "99 steps" in err, err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
