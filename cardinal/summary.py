@@ -1,54 +1,101 @@
-"""Compare runs: the results table, the size and arithmetic of each model, and computed takeaways.
+"""Compare runs: which runs are replicates, how far apart the models are, and how sure that is.
 
     python -m cardinal.summary                         # every run under runs/
     python -m cardinal.summary runs/study --epochs 1 5 10 --format markdown --output study.md
     python -m cardinal.summary runs/study --plot study.png
 
-Runs of the same arch, dataset and recipe with different seeds are aggregated as mean +- std (n runs).
-Speed is read against arithmetic: params, GFLOPs and achieved TFLOP/s stand beside img/s, and the speed
-ratio between models is given both raw and per FLOP.
+A group is every run of one arch under identical conditions: dataset, resolved recipe (every knob, read
+from the run's config.json), precision, memory format, compilation, global batch, world size, device and
+data size. Runs of a group that differ only in seed are replicates and are aggregated (mean, std, 95%
+interval); a re-run of a seed counts once. Models are compared only within one set of conditions, each
+accuracy gap with its 95% interval and a verdict. Speed is the median over epochs 2..N of each run.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
-from dataclasses import dataclass
+import shutil
+import textwrap
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_int, run
+from cardinal import stats
+from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.fileio import write_text_atomic
 from cardinal.records import CONFIG_NAME, CSV_NAME
 
-REQUIRED = ("epoch", "train_loss", "test_acc", "it_per_s", "img_per_s", "epoch_time_s", "arch", "params",
-            "gflops", "train_tflop_per_s", "seed")
-GROUP_KEYS = ("arch", "dataset", "recipe")
-METRICS = (  # title, column, digits
-    ("Train Loss", "train_loss", 4), ("Test Acc %", "test_acc", 2), ("it/s", "it_per_s", 2),
-    ("img/s", "img_per_s", 1), ("Epoch time s", "epoch_time_s", 1),
-)
+REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
+ACCURACIES = ("test_acc", "val_acc", "test_acc_ema", "test_acc_tta")  # every one optional but test_acc
+LOSSES = ("train_loss", "train_objective", "test_loss", "val_loss")
+SPEEDS = ("img_per_s", "it_per_s", "train_tflop_per_s")
+TIMES = ("epoch_time_s", "train_time_s")
+NUMERIC = ACCURACIES + LOSSES + SPEEDS + TIMES + ("params", "gflops", "train_images", "test_images")
+CUMULATIVE_TIME = "train_time_cum_s"  # sum of train_time_s up to the epoch: the honest x-axis for speed
+# Conditions read from the CSV (what ran), then from config.json (what was asked), in label order.
+CSV_CONDITIONS = ("precision", "channels_last", "compiled", "global_batch", "world_size", "device",
+                  "train_images", "test_images")
+SETUP_KNOBS = ("grad_accum", "sync_bn", "init_weights", "limit_batches")  # change what an epoch computes
+KNOB = "recipe."  # prefix of resolved recipe knobs among the conditions
+SHOWN_AS_BATCH = KNOB + "batch_size"  # the CSV's global_batch names it
+SPEED_NAME = "median img/s, epochs 2+"
+
+Conditions = tuple[tuple[str, Any], ...]
 
 
-@dataclass
+# ----------------------------------------------------------------------------------------------- runs
+@dataclass(frozen=True)
 class Run:
-    path: Path
+    """One run folder: its epochs and everything that decides what it can be compared with."""
+
+    csv: Path
     frame: pd.DataFrame
-    planned_epochs: Optional[int]
+    arch: str
+    seed: Any
+    conditions: Conditions
+    planned_epochs: int | None
+    mtime: float
 
     @property
-    def in_progress(self) -> bool:
-        return self.planned_epochs is not None and int(self.frame["epoch"].max()) < self.planned_epochs
+    def folder(self) -> Path:
+        return self.csv.parent
+
+    @property
+    def recipe_resolved(self) -> bool:
+        return dict(self.conditions)["recipe_resolved"]
+
+    @property
+    def last_epoch(self) -> int:
+        return int(self.frame["epoch"].max())
+
+    @property
+    def complete(self) -> bool:
+        """Reached its planned epochs (a run without config.json cannot tell, and counts as complete)."""
+        return self.planned_epochs is None or self.last_epoch >= self.planned_epochs
+
+    @property
+    def speed_epochs(self) -> pd.DataFrame:
+        """Steady-state epochs: 2..N, or epoch 1 when it is the only one (warm-up included then)."""
+        steady = self.frame[self.frame["epoch"] > 1]
+        return self.frame if steady.empty else steady
+
+    def median_speed(self, column: str) -> float:
+        return float(self.speed_epochs[column].median()) if column in self.frame else math.nan
 
 
-def find_csvs(paths: Sequence[Path]) -> List[Path]:
-    found: List[Path] = []
-    for path in paths:
+def find_csvs(paths: Sequence[Path]) -> list[Path]:
+    found: list[Path] = []
+    for path in map(Path, paths):
         if path.is_file():
             found.append(path)
         elif path.is_dir():
@@ -57,6 +104,58 @@ def find_csvs(paths: Sequence[Path]) -> List[Path]:
             raise CardinalError(f"{path} does not exist")
     unique = {csv.resolve(): csv for csv in found}  # a run named twice (runs runs/x) counts once
     return list(unique.values())
+
+
+def _plain(value: Any) -> Any:
+    """A hashable Python value from a CSV cell or JSON field (numpy scalars, lists, 'True', 256.0)."""
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return int(value) if value.is_integer() else value
+    if value in ("True", "False"):
+        return value == "True"
+    return value
+
+
+def _column_value(frame: pd.DataFrame, column: str) -> Any:
+    """The run's value of a per-run column; several values (a resume elsewhere) are all kept."""
+    if column not in frame:
+        return None
+    if column == "train_images":  # the last epoch of a run stopped mid-epoch is short
+        return _plain(frame[column].iloc[0])
+    values = list(dict.fromkeys(_plain(v) for v in frame[column]))
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def read_config(csv: Path) -> dict[str, Any] | None:
+    path = csv.parent / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    return config if isinstance(config, dict) and isinstance(config.get("recipe"), dict) else None
+
+
+def run_conditions(frame: pd.DataFrame, config: dict[str, Any] | None) -> Conditions:
+    """Everything but arch and seed that must match for two runs to be compared."""
+    recipe_name = _column_value(frame, "recipe")
+    conditions: list[tuple[str, Any]] = [("dataset", _column_value(frame, "dataset"))]
+    if config is not None:
+        conditions.append(("recipe", config.get("recipe_name", recipe_name)))
+        conditions.append(("recipe_resolved", True))
+        conditions += [(KNOB + k, _plain(v)) for k, v in sorted(config["recipe"].items())]
+    else:
+        conditions += [("recipe", recipe_name), ("recipe_resolved", False)]
+    conditions += [(c, _column_value(frame, c)) for c in CSV_CONDITIONS]
+    if config is not None:
+        conditions += [(k, _plain(config.get(k))) for k in SETUP_KNOBS]
+    return tuple(conditions)
 
 
 def read_run(csv: Path) -> Run:
@@ -69,193 +168,625 @@ def read_run(csv: Path) -> Run:
         raise CardinalError(f"{csv} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")
     if frame.empty:
         raise CardinalError(f"{csv} holds no epochs yet")
-    for column in ("dataset", "recipe"):
-        if column not in frame.columns:
-            frame[column] = "?"
+    numeric = [c for c in NUMERIC if c in frame.columns]
     try:
         frame["epoch"] = frame["epoch"].astype(int)
-        frame[list(REQUIRED[1:6])] = frame[list(REQUIRED[1:6])].astype(float)
+        frame[numeric] = frame[numeric].astype(float)
     except (ValueError, TypeError):
         raise CardinalError(f"{csv} has non-numeric values in its metric columns") from None
-    planned = None
-    config = csv.parent / CONFIG_NAME
-    if config.is_file():
-        try:
-            planned = int(json.loads(config.read_text())["recipe"]["epochs"])
-        except (ValueError, KeyError, TypeError):
-            planned = None
-    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch")
-    return Run(csv, frame, planned)
+    frame = frame.drop_duplicates("epoch", keep="last").sort_values("epoch").reset_index(drop=True)
+    time_column = "train_time_s" if "train_time_s" in frame and frame["train_time_s"].notna().all() else "epoch_time_s"
+    frame[CUMULATIVE_TIME] = frame[time_column].cumsum() if time_column in frame else math.nan
+    config = read_config(csv)
+    try:
+        planned = int(config["recipe"]["epochs"]) if config else None
+    except (KeyError, TypeError, ValueError):
+        planned = None
+    return Run(csv=csv, frame=frame, arch=str(_column_value(frame, "arch")), seed=_column_value(frame, "seed"),
+               conditions=run_conditions(frame, config), planned_epochs=planned, mtime=csv.stat().st_mtime)
 
 
-def load_runs(paths: Sequence[Path]) -> List[Run]:
+def load_runs(paths: Sequence[Path]) -> list[Run]:
     csvs = find_csvs(paths)
     if not csvs:
         raise CardinalError(f"no {CSV_NAME} found under {', '.join(str(p) for p in paths)}")
     return [read_run(csv) for csv in csvs]
 
 
-def _mean_std(values: pd.Series) -> Tuple[float, float, int]:
-    values = values.dropna()
-    std = float(values.std(ddof=1)) if len(values) > 1 else math.nan
-    return float(values.mean()), std, len(values)
+# --------------------------------------------------------------------------------------------- groups
+@dataclass
+class Group:
+    """Runs of one arch under identical conditions, one per seed; ``dropped`` holds re-runs of a seed."""
+
+    arch: str
+    conditions: Conditions
+    runs: list[Run]
+    dropped: list[Run] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def recipe_name(self) -> str:
+        name = dict(self.conditions)["recipe"]
+        return "?" if name is None else str(name)
+
+    @property
+    def seeds(self) -> list[Any]:
+        return [r.seed for r in self.runs]
+
+    def at_epoch(self, epoch: int) -> list[tuple[Any, pd.Series]]:
+        """(seed, row) of every run that reached ``epoch``."""
+        return [(r.seed, r.frame[r.frame["epoch"] == epoch].iloc[0]) for r in self.runs
+                if (r.frame["epoch"] == epoch).any()]
+
+    def last_epoch(self) -> int:
+        return max(r.last_epoch for r in self.runs)
+
+    def first_value(self, column: str) -> float:
+        values = [r.frame[column].iloc[0] for r in self.runs if column in r.frame]
+        return float(values[0]) if values else math.nan
 
 
-def combined(runs: List[Run]) -> pd.DataFrame:
-    """All rows, each with its run, its status and a model label (naming the dataset when runs mix them)."""
-    frame = pd.concat([r.frame.assign(_run=str(r.path), _progress=r.in_progress) for r in runs],
-                      ignore_index=True)
-    label = frame["arch"].astype(str) + " (" + frame["recipe"].astype(str)
-    if frame["dataset"].nunique() > 1:
-        label = label + ", " + frame["dataset"].astype(str)
-    frame["model"] = label + ")"
-    return frame
+def keep_one_per_seed(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """Seeds are replicates, re-runs are not: per seed keep the newest complete run (else the newest)."""
+    by_seed: dict[Any, list[Run]] = {}
+    for r in runs:
+        by_seed.setdefault(r.seed, []).append(r)
+    kept, dropped = [], []
+    for candidates in by_seed.values():
+        best = max(candidates, key=lambda r: (r.complete, r.mtime))
+        kept.append(best)
+        dropped += [r for r in candidates if r is not best]
+    return kept, dropped
 
 
-def results_table(runs: List[Run], epochs: Optional[Sequence[int]]) -> pd.DataFrame:
-    """One row per model and reported epoch; metrics as mean, std and the number of runs."""
-    frame = combined(runs)
-    rows = []
-    for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
-        last = int(group["epoch"].max())
-        wanted = sorted(set(epochs) if epochs else {1, 5, last})
-        for epoch in wanted:
-            at = group[group["epoch"] == epoch]
-            if at.empty:
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Groups in order of first appearance, labelled by what tells them apart."""
+    grouped: dict[tuple[str, Conditions], list[Run]] = {}
+    for r in runs:
+        grouped.setdefault((r.arch, r.conditions), []).append(r)
+    groups = []
+    for (arch, conditions), members in grouped.items():
+        kept, dropped = keep_one_per_seed(members)
+        groups.append(Group(arch, conditions, kept, dropped))
+    groups = [g for members in comparable_sets(groups) for g in members]  # comparable models side by side
+    for group, label in zip(groups, group_labels(groups)):
+        group.label = label
+    return groups
+
+
+# --------------------------------------------------------------------------------------------- labels
+def _number(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "/".join(_number(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def label_part(name: str, value: Any) -> str:
+    """How one condition reads inside a model label: 'bf16', 'lr=0.05', 'batch 256'."""
+    if value is None:
+        return f"{name} ?"
+    if name.startswith(KNOB) or name in SETUP_KNOBS:
+        return f"{name.removeprefix(KNOB)}={_number(value)}"
+    if name == "precision":
+        return "fp32" if value == "no" else str(value)
+    if name == "channels_last":
+        return {True: "channels_last", False: "NCHW"}.get(value, f"memory {value}")
+    if name == "compiled":
+        return {True: "compiled", False: "eager"}.get(value, f"compiled {value}")
+    if name == "global_batch":
+        return f"batch {_number(value)}"
+    if name == "world_size":
+        return f"{_number(value)} process" + ("" if value == 1 else "es")
+    if name == "train_images":
+        return f"{_number(value)} train img"
+    if name == "test_images":
+        return f"{_number(value)} test img"
+    return _number(value)
+
+
+def _varies(name: str, peers: list[Group]) -> bool:
+    return len({repr(dict(p.conditions).get(name)) for p in peers}) > 1
+
+
+def group_labels(groups: list[Group]) -> list[str]:
+    """'arch (recipe)' plus every condition that varies between the groups, so that equal labels never
+    hide different conditions; a recipe knob is named when it varies within one recipe name."""
+    resolved = [g for g in groups if dict(g.conditions)["recipe_resolved"]]
+    labels = []
+    for group in groups:
+        family = [g for g in resolved if g.recipe_name == group.recipe_name]
+        parts = [group.recipe_name]
+        if group not in resolved and family:
+            parts.append("recipe unresolved")
+        for name, value in group.conditions:
+            if name in ("recipe", "recipe_resolved", SHOWN_AS_BATCH):
                 continue
-            row = {"model": group["model"].iloc[0], "arch": key[0], "dataset": key[1], "recipe": key[2], "epoch": epoch}
-            for _, column, _ in METRICS:
-                row[column], row[f"{column}_std"], row["runs"] = _mean_std(at[column])
+            peers = family if name.startswith(KNOB) else resolved if name in SETUP_KNOBS else groups
+            if _varies(name, peers):
+                parts.append(label_part(name, value))
+        labels.append(f"{group.arch} ({', '.join(parts)})")
+    counts, seen, unique = Counter(labels), Counter(), []
+    for label in labels:  # last resort: conditions that print alike (0.1 and "0.1")
+        seen[label] += 1
+        unique.append(label if counts[label] == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+CONDITION_NAMES = {
+    "dataset": "dataset", "recipe": "recipe", "precision": "precision", "channels_last": "memory format",
+    "compiled": "compilation", "global_batch": "global batch", "world_size": "world size",
+    "device": "device", "train_images": "training images per epoch", "test_images": "test images",
+}
+
+
+def differences(a: Group, b: Group) -> list[str]:
+    """What keeps two groups apart, in words: 'precision bf16 vs fp32', 'lr 0.05 vs 0.01'."""
+    first, second = dict(a.conditions), dict(b.conditions)
+    if not (first["recipe_resolved"] and second["recipe_resolved"]):
+        unresolved = [g.label for g, c in ((a, first), (b, second)) if not c["recipe_resolved"]]
+        said = [f"the recipe of {' and '.join(unresolved)} could not be resolved (no {CONFIG_NAME})"]
+        first = {k: v for k, v in first.items() if not k.startswith(KNOB) and k not in SETUP_KNOBS}
+        second = {k: v for k, v in second.items() if not k.startswith(KNOB) and k not in SETUP_KNOBS}
+    else:
+        said = []
+    same_recipe = first.get("recipe") == second.get("recipe")
+    for name in dict.fromkeys(list(first) + list(second)):
+        if name in ("recipe_resolved", SHOWN_AS_BATCH) or first.get(name) == second.get(name):
+            continue
+        if name.startswith(KNOB) and not same_recipe:
+            continue  # 'recipe fast vs seed' already says it
+        shown = [label_part(name, c.get(name)) for c in (first, second)]
+        if name.startswith(KNOB) or name in SETUP_KNOBS:
+            said.append(f"{name.removeprefix(KNOB)} {' vs '.join(s.split('=', 1)[1] for s in shown)}")
+        elif name in ("precision", "channels_last", "compiled"):
+            said.append(f"{CONDITION_NAMES[name]} {' vs '.join(shown)}")
+        else:
+            said.append(f"{CONDITION_NAMES.get(name, name)} {_number(first.get(name))} vs "
+                        f"{_number(second.get(name))}")
+    return said
+
+
+# -------------------------------------------------------------------------------------------- results
+def _reported_epochs(group: Group, epochs: Sequence[int] | None) -> list[int]:
+    return sorted(set(epochs) if epochs else {1, 5, group.last_epoch()})
+
+
+def _condition_columns(group: Group) -> dict[str, Any]:
+    conditions = dict(group.conditions)
+    return {"model": group.label, "arch": group.arch, "dataset": conditions["dataset"],
+            "recipe": group.recipe_name, "recipe_resolved": conditions["recipe_resolved"],
+            **{c: conditions[c] for c in CSV_CONDITIONS}}
+
+
+def _aggregate(row: dict[str, Any], column: str, values: Iterable[float]) -> None:
+    summary = stats.estimate(list(values))
+    row[column], row[f"{column}_std"], row[f"{column}_ci95"] = summary.mean, summary.std, summary.ci95
+
+
+def results_table(groups: list[Group], epochs: Sequence[int] | None = None) -> pd.DataFrame:
+    """One row per group and reported epoch: every metric as mean, std and 95% half-width over seeds."""
+    metrics = [c for c in ACCURACIES + LOSSES + SPEEDS + TIMES + (CUMULATIVE_TIME,)
+               if any(c in r.frame for g in groups for r in g.runs)]
+    rows = []
+    for group in groups:
+        for epoch in _reported_epochs(group, epochs):
+            at = group.at_epoch(epoch)
+            if not at:
+                continue
+            row = {**_condition_columns(group), "epoch": epoch, "runs": len(at),
+                   "seeds": " ".join(str(seed) for seed, _ in at)}
+            for column in metrics:
+                _aggregate(row, column, [r.get(column, math.nan) for _, r in at])
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def models_table(runs: List[Run]) -> pd.DataFrame:
-    """Size, arithmetic and achieved speed of each model, with best epoch and run status."""
-    frame = combined(runs)
+def models_table(groups: list[Group]) -> pd.DataFrame:
+    """Per group: size, arithmetic, steady-state speed over seeds, best epoch, and what was set aside."""
     rows = []
-    for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
-        per_epoch = group.groupby("epoch")["test_acc"].mean()
-        rows.append({
-            "model": group["model"].iloc[0], "arch": key[0], "dataset": key[1], "recipe": key[2],
-            "params": int(group["params"].iloc[0]), "gflops": float(group["gflops"].iloc[0]),
-            "img_per_s": float(group["img_per_s"].mean()),
-            "train_tflop_per_s": float(group["train_tflop_per_s"].mean()),
+    for group in groups:
+        per_epoch = pd.concat([r.frame[["epoch", "test_acc"]] for r in group.runs]).groupby("epoch")["test_acc"].mean()
+        row = {**_condition_columns(group), "params": group.first_value("params"),
+               "gflops": group.first_value("gflops")}
+        for column in SPEEDS:
+            _aggregate(row, f"median_{column}", [r.median_speed(column) for r in group.runs])
+        row.update({
+            "speed_from_epoch_1": sum(r.last_epoch == 1 for r in group.runs),
             "best_epoch": int(per_epoch.idxmax()), "best_test_acc": float(per_epoch.max()),
-            "epochs": int(group["epoch"].max()), "runs": int(group["_run"].nunique()),
-            "seeds": ",".join(str(s) for s in sorted(group["seed"].unique())),
-            "in_progress": int(group.drop_duplicates("_run")["_progress"].sum()),
+            "epochs": group.last_epoch(), "runs": len(group.runs),
+            "seeds": " ".join(str(s) for s in group.seeds),
+            "incomplete": sum(not r.complete for r in group.runs), "dropped": len(group.dropped),
         })
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
-def takeaways(results: pd.DataFrame, models: pd.DataFrame) -> List[str]:
-    """Statements computed from the data: speed ratios (raw, per FLOP), accuracy gaps, best epochs."""
-    lines: List[str] = []
-    if models.empty:
-        return lines
-    base = models.iloc[0]
-    for other in models.iloc[1:].itertuples():
-        raw = other.img_per_s / base.img_per_s
-        per_flop = other.train_tflop_per_s / base.train_tflop_per_s
-        lines.append(
-            f"{other.model} trains at {raw:.2f}x the img/s of {base.model}; per FLOP it runs at {per_flop:.2f}x "
-            f"({other.gflops:.2f} vs {base.gflops:.2f} GFLOPs/image, {other.train_tflop_per_s:.3f} vs "
-            f"{base.train_tflop_per_s:.3f} TFLOP/s achieved).")
-        for epoch in sorted(results["epoch"].unique()):
-            a = results[(results["model"] == other.model) & (results["epoch"] == epoch)]
-            b = results[(results["model"] == base.model) & (results["epoch"] == epoch)]
-            if not a.empty and not b.empty:
-                gap = a["test_acc"].iloc[0] - b["test_acc"].iloc[0]
-                lines.append(f"At epoch {epoch}, {other.model} is {gap:+.2f} points of test accuracy "
-                             f"against {base.model} ({a['test_acc'].iloc[0]:.2f}% vs {b['test_acc'].iloc[0]:.2f}%).")
-    for model in models.itertuples():
-        status = f", {model.in_progress} run(s) still in progress" if model.in_progress else ""
-        lines.append(f"{model.model}: best mean test accuracy {model.best_test_acc:.2f}% at epoch "
-                     f"{model.best_epoch} of {model.epochs} ({model.runs} run(s), seeds {model.seeds}{status}).")
+# ---------------------------------------------------------------------------------------- comparisons
+def comparable_sets(groups: list[Group]) -> list[list[Group]]:
+    """Groups measured under identical conditions (they differ in arch only), in order of appearance."""
+    sets: dict[Conditions, list[Group]] = {}
+    for group in groups:
+        sets.setdefault(group.conditions, []).append(group)
+    return list(sets.values())
+
+
+def _pairs(groups: list[Group]) -> Iterable[tuple[Group, Group]]:
+    """(model, baseline): every later group against every earlier one of the same set."""
+    for members in comparable_sets(groups):
+        for baseline, model in itertools.combinations(members, 2):
+            yield model, baseline
+
+
+def accuracy_gaps(groups: list[Group], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Per comparable pair and reported epoch: model - baseline in points, its 95% interval and verdict
+    (paired by seed when both ran the same seeds, Welch otherwise)."""
+    rows = []
+    for model, baseline in _pairs(groups):
+        shared = set(results.loc[results["model"] == model.label, "epoch"]) & set(
+            results.loc[results["model"] == baseline.label, "epoch"])
+        for epoch in sorted(shared):
+            a, b = model.at_epoch(epoch), baseline.at_epoch(epoch)
+            interval = stats.gap_interval([r[metric] for _, r in a], [r[metric] for _, r in b],
+                                          [s for s, _ in a], [s for s, _ in b])
+            rows.append({"model": model.label, "baseline": baseline.label, "epoch": epoch, "metric": metric,
+                         "model_value": float(np.mean([r[metric] for _, r in a])),
+                         "baseline_value": float(np.mean([r[metric] for _, r in b])),
+                         "gap": interval.estimate, "low": interval.low, "high": interval.high,
+                         "method": interval.method, "n_model": interval.n_a, "n_baseline": interval.n_b,
+                         "verdict": interval.verdict})
+    return pd.DataFrame(rows, columns=["model", "baseline", "epoch", "metric", "model_value", "baseline_value",
+                                       "gap", "low", "high", "method", "n_model", "n_baseline", "verdict"])
+
+
+def speed_ratios(groups: list[Group]) -> pd.DataFrame:
+    """Per comparable pair: the ratio of median img/s (epochs 2+) with its 95% interval, and per FLOP."""
+    rows = []
+    for model, baseline in _pairs(groups):
+        interval = stats.ratio_interval([r.median_speed("img_per_s") for r in model.runs],
+                                        [r.median_speed("img_per_s") for r in baseline.runs])
+        flops = stats.ratio_interval([r.median_speed("train_tflop_per_s") for r in model.runs],
+                                     [r.median_speed("train_tflop_per_s") for r in baseline.runs])
+        rows.append({"model": model.label, "baseline": baseline.label, "ratio": interval.estimate,
+                     "low": interval.low, "high": interval.high, "verdict": interval.verdict,
+                     "n_model": interval.n_a, "n_baseline": interval.n_b, "per_flop_ratio": flops.estimate,
+                     "model_gflops": model.first_value("gflops"), "baseline_gflops": baseline.first_value("gflops"),
+                     "model_tflop_per_s": float(np.mean(
+                         [r.median_speed("train_tflop_per_s") for r in model.runs])),
+                     "baseline_tflop_per_s": float(np.mean(
+                         [r.median_speed("train_tflop_per_s") for r in baseline.runs]))})
+    return pd.DataFrame(rows)
+
+
+def _seeds_text(method: str, n_model: int, n_baseline: int) -> str:
+    if method == "paired":
+        return f"paired, {n_model} seeds"
+    return f"{n_model} vs {n_baseline} seeds" + (" (Welch)" if method else "")
+
+
+def _signed(value: float, digits: int = 2) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def _gflops(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def _interval_text(low: float, high: float, digits: int = 2, signed: bool = True) -> str:
+    if math.isnan(low):
+        return "-"
+    show = _signed if signed else (lambda v, d=digits: f"{v:.{d}f}")
+    return f"[{show(low, digits)}, {show(high, digits)}]"
+
+
+# ------------------------------------------------------------------------------------------ takeaways
+def speed_lines(ratios: pd.DataFrame) -> list[str]:
+    lines = []
+    for r in ratios.itertuples():
+        interval = (f", 95% interval {_interval_text(r.low, r.high, signed=False)}x ({r.n_model} vs "
+                    f"{r.n_baseline} runs): {r.verdict}" if not math.isnan(r.low) else f" ({stats.ONE_SEED})")
+        lines.append(f"{r.model} trains at {r.ratio:.2f}x the speed of {r.baseline} ({SPEED_NAME}){interval}; "
+                     f"per FLOP it runs at {r.per_flop_ratio:.2f}x ({_gflops(r.model_gflops)} vs "
+                     f"{_gflops(r.baseline_gflops)} GFLOPs/image, {r.model_tflop_per_s:.3f} vs "
+                     f"{r.baseline_tflop_per_s:.3f} TFLOP/s achieved).")
     return lines
 
 
-def _cell(row, column: str, digits: int) -> str:
-    value, std = row[column], row.get(f"{column}_std", math.nan)
-    text = f"{value:.{digits}f}"
-    return text if std is None or math.isnan(std) else f"{text} ± {std:.{digits}f}"
+def gap_line(r) -> str:
+    """One accuracy gap in words, never without its verdict."""
+    if math.isnan(r.low):
+        return (f"At epoch {r.epoch}, {r.model} is {_signed(r.gap)} points of test accuracy against {r.baseline} "
+                f"({r.model_value:.2f}% vs {r.baseline_value:.2f}%; {_seeds_text('', r.n_model, r.n_baseline)}): "
+                f"{r.verdict}.")
+    return (f"At epoch {r.epoch}, {r.model} is {_signed(r.gap)} points of test accuracy against {r.baseline} "
+            f"({r.model_value:.2f}% vs {r.baseline_value:.2f}%), 95% interval {_interval_text(r.low, r.high)} "
+            f"({_seeds_text(r.method, r.n_model, r.n_baseline)}): {r.verdict}.")
 
 
-def _model_cells(row) -> List[str]:
-    return [row["model"], f"{row['params'] / 1e6:.2f}", f"{row['gflops']:.2f}", f"{row['img_per_s']:.1f}",
-            f"{row['train_tflop_per_s']:.3f}", f"{row['best_test_acc']:.2f} (ep {row['best_epoch']})",
-            str(row["runs"])]
+def not_compared_lines(groups: list[Group]) -> list[str]:
+    """One line per pair of condition sets: who is not compared with whom, and what differs."""
+    lines = []
+    for first, second in itertools.combinations(comparable_sets(groups), 2):
+        what = "; ".join(differences(second[0], first[0]))
+        lines.append(f"Not compared: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
+                     f"({what}).")
+    return lines
 
 
-MODEL_HEADERS = ["Model", "Params (M)", "GFLOPs", "img/s", "TFLOP/s", "Best test acc %", "Runs"]
-RESULT_HEADERS = ["Model", "Epoch"] + [title for title, _, _ in METRICS] + ["n"]
+def best_epoch_lines(models: pd.DataFrame) -> list[str]:
+    lines = []
+    for m in models.itertuples():
+        status = f", {m.incomplete} run(s) not finished" if m.incomplete else ""
+        lines.append(f"{m.model}: best mean test accuracy {m.best_test_acc:.2f}% at epoch {m.best_epoch} of "
+                     f"{m.epochs} ({m.runs} seed(s): {m.seeds}{status}).")
+    return lines
 
 
-def _result_cells(row) -> List[str]:
-    return [row["model"], str(int(row["epoch"]))] + [_cell(row, c, d) for _, c, d in METRICS] + [str(int(row["runs"]))]
+def takeaways(groups: list[Group], models: pd.DataFrame, gaps: pd.DataFrame, ratios: pd.DataFrame) -> list[str]:
+    """Statements computed from the data: speed ratios, the gap at the last shared epoch, best epochs,
+    and which models could not be compared."""
+    lines = speed_lines(ratios)
+    if not gaps.empty:
+        last = gaps.loc[gaps.groupby(["model", "baseline"], sort=False)["epoch"].idxmax()]
+        lines += [gap_line(r) for r in last.itertuples()]
+    lines += not_compared_lines(groups)
+    return lines + best_epoch_lines(models)
 
 
-def _rich_table(title: str, headers: List[str], rows: List[List[str]]) -> Table:
-    table = Table(title=title)
-    for header in headers:
-        table.add_column(header, justify="left" if header == "Model" else "right")
-    for cells in rows:
+def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
+    """How the numbers were made: re-runs set aside, unresolved recipes, the speed definition."""
+    lines = []
+    for group in groups:
+        for seed in dict.fromkeys(r.seed for r in group.dropped):
+            kept = next(r for r in group.runs if r.seed == seed)
+            dropped = [str(r.folder) for r in group.dropped if r.seed == seed]
+            why = "newest complete" if kept.complete else "newest; none finished"
+            lines.append(f"Seed {seed} of {group.label} was run {len(dropped) + 1} times and counts once: kept "
+                         f"{kept.folder} ({why}), not counted: {', '.join(dropped)}.")
+    unresolved = [str(r.folder) for g in groups for r in g.runs + g.dropped if not r.recipe_resolved]
+    if unresolved:
+        lines.append(f"The recipe could not be resolved for {len(unresolved)} run(s) without {CONFIG_NAME} "
+                     f"({', '.join(unresolved)}): they are grouped by recipe name only.")
+    lines.append(f"Speed ({SPEED_NAME}) is the median over epochs 2..N of each run (the first epoch holds "
+                 "warm-up and compilation), then mean ± std over seeds; the per-epoch values stay in each "
+                 f"{CSV_NAME}.")
+    single = [m.model for m in models.itertuples() if m.speed_from_epoch_1]
+    if single:
+        lines.append(f"Runs with a single epoch take their speed from epoch 1, warm-up included: {', '.join(single)}.")
+    if len({g.recipe_name for g in groups}) > 1 or len({dict(g.conditions).get(KNOB + "label_smoothing")
+                                                          for g in groups}) > 1:
+        lines.append("Train loss depends on the recipe (augmentation, label smoothing): read it within one "
+                     "recipe only; it is never compared across recipes here.")
+    return lines
+
+
+# -------------------------------------------------------------------------------------------- summary
+@dataclass
+class Summary:
+    """Everything the summary shows; ``results`` is the CSV output (one row per group and epoch)."""
+
+    groups: list[Group]
+    results: pd.DataFrame
+    models: pd.DataFrame
+    gaps: pd.DataFrame
+    speeds: pd.DataFrame
+    takeaways: list[str]
+    notes: list[str]
+
+    @property
+    def runs(self) -> list[Run]:
+        return [r for g in self.groups for r in g.runs]
+
+
+def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None) -> Summary:
+    groups = group_runs(load_runs(paths))
+    results = results_table(groups, epochs)
+    models = models_table(groups)
+    gaps = accuracy_gaps(groups, results) if not results.empty else accuracy_gaps([], results)
+    speeds = speed_ratios(groups)
+    return Summary(groups, results, models, gaps, speeds, takeaways(groups, models, gaps, speeds),
+                   notes(groups, models))
+
+
+# ------------------------------------------------------------------------------------------ rendering
+@dataclass
+class View:
+    """One table as text cells; ``text`` columns may wrap, the others (numbers) are never split."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    text: tuple[str, ...] = ("Model",)
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(row, column: str, digits: int) -> str:
+    std = row.get(f"{column}_std", math.nan)
+    text = _fmt(row[column], digits)
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+OPTIONAL_ACCURACY_TITLES = {"val_acc": "Val acc %", "test_acc_ema": "EMA test acc %", "test_acc_tta": "TTA test acc %"}
+
+
+def result_view(results: pd.DataFrame) -> View:
+    extra = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
+    headers = (["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI"]
+               + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in extra]
+               + ["Train loss", "Train time s (cumul.)"])
+    rows = [[r["model"], str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2), _fmt(r["test_acc_ci95"], 2)]
+            + [_mean_std(r, c, 2) for c in extra]
+            + [_fmt(r.get("train_loss", math.nan), 4), _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
+            for _, r in results.iterrows()]
+    return View("Results", headers, rows)
+
+
+def model_view(models: pd.DataFrame) -> View:
+    headers = ["Model", "Params (M)", "GFLOPs / image", "Best test acc % (epoch)", "Epochs", "Seeds"]
+    rows = [[m["model"], _fmt(m["params"] / 1e6, 2), _gflops(m["gflops"]),
+             f"{m['best_test_acc']:.2f} ({m['best_epoch']})", str(m["epochs"]), str(m["runs"])]
+            for _, m in models.iterrows()]
+    return View("Models", headers, rows)
+
+
+def speed_view(models: pd.DataFrame) -> View:
+    headers = ["Model", f"{SPEED_NAME.capitalize()} (mean ± std)", "± 95% CI", "Median it/s", "TFLOP/s achieved",
+               "Seeds"]
+    rows = [[m["model"], _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_from_epoch_1"] else ""),
+             _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
+             _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
+            for _, m in models.iterrows()]
+    return View("Speed", headers, rows)
+
+
+def gap_view(gaps: pd.DataFrame) -> View:
+    headers = ["Model - baseline", "Epoch", "Gap (points)", "95% interval", "Seeds", "Verdict"]
+    rows = [[f"{g['model']} - {g['baseline']}", str(g["epoch"]), _signed(g["gap"]),
+             _interval_text(g["low"], g["high"]), _seeds_text(g["method"], g["n_model"], g["n_baseline"]),
+             g["verdict"]] for _, g in gaps.iterrows()]
+    return View("Test accuracy gaps (like with like)", headers, rows, ("Model - baseline", "Seeds", "Verdict"))
+
+
+def views(summary: Summary) -> list[View]:
+    shown = [result_view(summary.results), model_view(summary.models), speed_view(summary.models)]
+    return shown + ([gap_view(summary.gaps)] if not summary.gaps.empty else [])
+
+
+def _longest_word(texts: Iterable[str]) -> int:
+    return max([len(word) for text in texts for word in text.split()] + [1])
+
+
+def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
+    """Headers wrapped to their column, and column widths filling ``width``: number columns keep their
+    widest cell, text columns share the rest (the widest gives way first) but never split a word."""
+    headers, widths, flexible = [], [], []
+    for index, header in enumerate(view.headers):
+        cells = [row[index] for row in view.rows]
+        if header in view.text:
+            headers.append(header)
+            widths.append(max(len(c) for c in cells + [header]))
+            flexible.append(index)
+        else:
+            column = max([len(c) for c in cells] + [_longest_word([header]), min(6, len(header))])
+            headers.append("\n".join(textwrap.wrap(header, column, break_long_words=False)))
+            widths.append(column)
+    spare = width - (3 * len(widths) + 1) - sum(widths)
+    floors = {i: _longest_word([view.headers[i]] + [row[i] for row in view.rows]) for i in flexible}
+    while spare < 0:
+        shrinkable = [i for i in flexible if widths[i] > floors[i]]
+        if not shrinkable:
+            break  # narrower than the words: the terminal wraps the lines, nothing is cut
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+        spare += 1
+    return headers, widths
+
+
+def _rich_table(view: View, width: int) -> Table:
+    headers, widths = fit_columns(view, width)
+    table = Table(title=view.title, title_justify="left")
+    for header, column_width, name in zip(headers, widths, view.headers):
+        table.add_column(header, justify="left" if name in view.text else "right", width=column_width,
+                         overflow="fold")
+    for cells in view.rows:
         table.add_row(*cells)
     return table
 
 
-def render_rich(results: pd.DataFrame, models: pd.DataFrame, lines: List[str], console: Console) -> None:
-    console.print(_rich_table("Results", RESULT_HEADERS, [_result_cells(r) for _, r in results.iterrows()]))
-    console.print(_rich_table("Models", MODEL_HEADERS, [_model_cells(r) for _, r in models.iterrows()]))
-    console.print("Takeaways")
-    for line in lines:
-        console.print(f"- {line}", highlight=False)
+def render_rich(summary: Summary, console: Console) -> None:
+    for view in views(summary):
+        console.print(_rich_table(view, console.width), crop=False)
+    for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
+        console.print(title, style="bold")
+        for line in lines:
+            console.print(f"- {line}", highlight=False)
 
 
-def _markdown_table(headers: List[str], rows: List[List[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(cells) + " |" for cells in rows]
+def _markdown_table(view: View) -> str:
+    out = ["| " + " | ".join(view.headers) + " |", "|" + "|".join("---" for _ in view.headers) + "|"]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in view.rows]
     return "\n".join(out)
 
 
-def render_markdown(results: pd.DataFrame, models: pd.DataFrame, lines: List[str]) -> str:
-    parts = ["## Results", "", _markdown_table(RESULT_HEADERS, [_result_cells(r) for _, r in results.iterrows()]),
-             "", "## Models", "", _markdown_table(MODEL_HEADERS, [_model_cells(r) for _, r in models.iterrows()]),
-             "", "## Takeaways", ""] + [f"- {line}" for line in lines]
-    return "\n".join(parts) + "\n"
+def render_markdown(summary: Summary) -> str:
+    parts: list[str] = []
+    for view in views(summary):
+        parts += [f"## {view.title}", "", _markdown_table(view), ""]
+    for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
+        parts += [f"## {title}", ""] + [f"- {line}" for line in lines] + [""]
+    return "\n".join(parts)
 
 
-def render_csv(results: pd.DataFrame, models: pd.DataFrame) -> str:
-    merged = results.merge(models[["model", "params", "gflops", "train_tflop_per_s"]], on="model", how="left")
+def render_csv(summary: Summary) -> str:
+    """One row per group and epoch; group-level columns (size, steady-state speed) repeated on each."""
+    group_level = ["model", "params", "gflops"] + [c for c in summary.models.columns if c.startswith("median_")]
+    merged = summary.results.merge(summary.models[group_level], on="model", how="left")
     return merged.to_csv(index=False)
 
 
-def plot(runs: List[Run], models: pd.DataFrame, path: Path) -> None:
+# ----------------------------------------------------------------------------------------------- plot
+def accuracy_curve(group: Group) -> pd.DataFrame:
+    """Per epoch: mean and std of test accuracy over seeds, and the mean cumulative training time."""
+    frame = pd.concat([r.frame[["epoch", "test_acc", CUMULATIVE_TIME]] for r in group.runs])
+    curve = frame.groupby("epoch").agg(mean=("test_acc", "mean"), std=("test_acc", "std"), n=("test_acc", "size"),
+                                       time=(CUMULATIVE_TIME, "mean"))
+    return curve
+
+
+def _time_unit(seconds: float) -> tuple[float, str]:
+    if seconds >= 3 * 3600:
+        return 3600.0, "h"
+    if seconds >= 180:
+        return 60.0, "min"
+    return 1.0, "s"
+
+
+def plot(summary: Summary, path: Path) -> None:
+    """Test accuracy by epoch and by cumulative training time (mean, ±std band over seeds), and speed bars."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
-    frame = combined(runs)
-    figure, (acc, loss, speed) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for key, group in frame.groupby(list(GROUP_KEYS), sort=False):
-        mean = group.groupby("epoch")[["test_acc", "train_loss"]].mean()
-        acc.plot(mean.index, mean["test_acc"], marker="o", label=group["model"].iloc[0])
-        loss.plot(mean.index, mean["train_loss"], marker="o", label=group["model"].iloc[0])
-    from matplotlib.ticker import MaxNLocator
-
-    for axis in (acc, loss):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    acc.set(title="Test accuracy", xlabel="epoch", ylabel="%")
-    loss.set(title="Train loss", xlabel="epoch", ylabel="cross-entropy")
-    speed.bar(range(len(models)), models["img_per_s"])
-    speed.set_xticks(range(len(models)), models["model"], rotation=20, ha="right")
-    speed.set(title="Training throughput", ylabel="img/s")
-    acc.legend()
-    figure.tight_layout()
+    groups, models = summary.groups, summary.models
+    curves = [accuracy_curve(g) for g in groups]
+    scale, unit = _time_unit(max(float(c["time"].max()) for c in curves) if curves else 0.0)
+    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2),
+                                                      gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    colors = plt.get_cmap("tab10")
+    for index, (group, curve) in enumerate(zip(groups, curves)):
+        color = colors(index % 10)
+        label = f"{group.label} (n={len(group.runs)})"
+        for axis, x in ((by_epoch, curve.index.to_numpy()), (by_time, curve["time"].to_numpy() / scale)):
+            axis.plot(x, curve["mean"], marker="o", color=color, label=label if axis is by_epoch else None)
+            if (curve["n"] >= 2).any():
+                axis.fill_between(x, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color,
+                                  alpha=0.2, linewidth=0)
+    last = max((int(c.index.max()) for c in curves), default=1)
+    by_epoch.set_xlim(0.5, last + 0.5)
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_epoch.set(title="Test accuracy by epoch", xlabel="epoch", ylabel="test accuracy %")
+    by_time.set_xlim(left=0)
+    by_time.set(title="Test accuracy by training time", xlabel=f"cumulative training time ({unit})",
+                ylabel="test accuracy %")
+    for axis in (by_epoch, by_time):
+        axis.grid(alpha=0.3)
+    positions = np.arange(len(models))[::-1]
+    bars = speed.barh(positions, models["median_img_per_s"], xerr=models["median_img_per_s_std"].fillna(0),
+                      color=[colors(i % 10) for i in range(len(models))], capsize=4)
+    speed.bar_label(bars, labels=[f"{v:,.1f}" for v in models["median_img_per_s"]], padding=6)
+    speed.set_yticks(positions, [textwrap.fill(m, 24) for m in models["model"]])
+    speed.set_xlim(0, float((models["median_img_per_s"] + models["median_img_per_s_std"].fillna(0)).max()) * 1.3)
+    speed.set(title=f"Training speed ({SPEED_NAME})", xlabel="img/s (mean ± std over seeds)")
+    handles, labels = by_epoch.get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 3)
+    figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
+    figure.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, format="png", dpi=110)
@@ -265,38 +796,37 @@ def plot(runs: List[Run], models: pd.DataFrame, path: Path) -> None:
         plt.close(figure)
 
 
+# ------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.summary", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="*", type=Path, default=[Path("runs")],
                         help="run folders, folders holding runs, or epochs.csv files")
     parser.add_argument("--epochs", nargs="+", type=positive_int, default=None,
                         help="epochs to report (default: 1, 5 and the last of each model)")
-    parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table", help="output format")
+    parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table",
+                        help="output format: table (fits the terminal), markdown, or csv (one row per model "
+                             "and epoch)")
     parser.add_argument("--output", type=Path, default=None, help="write the output to this file too")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG with accuracy, loss and img/s per model")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG: test accuracy by epoch and by training time, and img/s bars, per model")
     return parser
 
 
-def summarize(paths: Sequence[Path], epochs: Optional[Sequence[int]] = None):
-    runs = load_runs(paths)
-    results = results_table(runs, epochs)
-    models = models_table(runs)
-    return runs, results, models, takeaways(results, models)
+def render(summary: Summary, form: str) -> str:
+    if form == "table":
+        width = shutil.get_terminal_size((80, 24)).columns
+        console = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
+        render_rich(summary, console)
+        return console.file.getvalue()
+    return render_markdown(summary) if form == "markdown" else render_csv(summary)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runs, results, models, lines = summarize(args.runs, args.epochs)
-    if results.empty:
+    summary = summarize(args.runs, args.epochs)
+    if summary.results.empty:
         raise CardinalError(f"none of the runs reached the epochs asked for ({' '.join(map(str, args.epochs))})")
-    if args.format == "table":
-        capture = Console(file=io.StringIO(), width=max(make_console().width, 140))
-        render_rich(results, models, lines, capture)
-        text = capture.file.getvalue()
-    elif args.format == "markdown":
-        text = render_markdown(results, models, lines)
-    else:
-        text = render_csv(results, models)
+    text = render(summary, args.format)
     print(text, end="")
     if args.output is not None:
         try:
@@ -304,7 +834,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as error:
             raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     if args.plot is not None:
-        plot(runs, models, args.plot)
+        plot(summary, args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
