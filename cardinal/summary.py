@@ -221,6 +221,10 @@ class Group:
     def last_epoch(self) -> int:
         return max(r.last_epoch for r in self.runs)
 
+    def medians(self, column: str) -> list[float]:
+        """Each run's steady-state speed (see Run.median_speed)."""
+        return [r.median_speed(column) for r in self.runs]
+
     def first_value(self, column: str) -> float:
         values = [r.frame[column].iloc[0] for r in self.runs if column in r.frame]
         return float(values[0]) if values else math.nan
@@ -256,6 +260,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
 
 # --------------------------------------------------------------------------------------------- labels
 def _number(value: Any) -> str:
+    if value is None:
+        return "?"
     if isinstance(value, tuple):
         return "/".join(_number(v) for v in value)
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -263,10 +269,10 @@ def _number(value: Any) -> str:
 
 def label_part(name: str, value: Any) -> str:
     """How one condition reads inside a model label: 'bf16', 'lr=0.05', 'batch 256'."""
-    if value is None:
-        return f"{name} ?"
     if name.startswith(KNOB) or name in SETUP_KNOBS:
         return f"{name.removeprefix(KNOB)}={_number(value)}"
+    if value is None:
+        return f"{CONDITION_NAMES.get(name, name)} ?"
     if name == "precision":
         return "fp32" if value == "no" else str(value)
     if name == "channels_last":
@@ -335,14 +341,12 @@ def differences(a: Group, b: Group) -> list[str]:
             continue
         if name.startswith(KNOB) and not same_recipe:
             continue  # 'recipe fast vs seed' already says it
-        shown = [label_part(name, c.get(name)) for c in (first, second)]
-        if name.startswith(KNOB) or name in SETUP_KNOBS:
-            said.append(f"{name.removeprefix(KNOB)} {' vs '.join(s.split('=', 1)[1] for s in shown)}")
-        elif name in ("precision", "channels_last", "compiled"):
-            said.append(f"{CONDITION_NAMES[name]} {' vs '.join(shown)}")
+        values = (first.get(name), second.get(name))
+        if name in ("precision", "channels_last", "compiled"):
+            shown = [label_part(name, v) for v in values]
         else:
-            said.append(f"{CONDITION_NAMES.get(name, name)} {_number(first.get(name))} vs "
-                        f"{_number(second.get(name))}")
+            shown = [_number(v) for v in values]
+        said.append(f"{CONDITION_NAMES.get(name, name.removeprefix(KNOB))} {shown[0]} vs {shown[1]}")
     return said
 
 
@@ -386,13 +390,14 @@ def models_table(groups: list[Group]) -> pd.DataFrame:
     rows = []
     for group in groups:
         per_epoch = pd.concat([r.frame[["epoch", "test_acc"]] for r in group.runs]).groupby("epoch")["test_acc"].mean()
+        best_epoch = int(per_epoch.idxmax()) if per_epoch.notna().any() else group.last_epoch()
         row = {**_condition_columns(group), "params": group.first_value("params"),
                "gflops": group.first_value("gflops")}
         for column in SPEEDS:
-            _aggregate(row, f"median_{column}", [r.median_speed(column) for r in group.runs])
+            _aggregate(row, f"median_{column}", group.medians(column))
         row.update({
             "speed_from_epoch_1": sum(r.last_epoch == 1 for r in group.runs),
-            "best_epoch": int(per_epoch.idxmax()), "best_test_acc": float(per_epoch.max()),
+            "best_epoch": best_epoch, "best_test_acc": float(per_epoch.max()),
             "epochs": group.last_epoch(), "runs": len(group.runs),
             "seeds": " ".join(str(s) for s in group.seeds),
             "incomplete": sum(not r.complete for r in group.runs), "dropped": len(group.dropped),
@@ -421,7 +426,7 @@ def accuracy_gaps(groups: list[Group], results: pd.DataFrame, metric: str = "tes
     """Per comparable pair and reported epoch: model - baseline in points, its 95% interval and verdict
     (paired by seed when both ran the same seeds, Welch otherwise)."""
     rows = []
-    for model, baseline in _pairs(groups):
+    for model, baseline in _pairs(groups if not results.empty else []):
         shared = set(results.loc[results["model"] == model.label, "epoch"]) & set(
             results.loc[results["model"] == baseline.label, "epoch"])
         for epoch in sorted(shared):
@@ -442,18 +447,14 @@ def speed_ratios(groups: list[Group]) -> pd.DataFrame:
     """Per comparable pair: the ratio of median img/s (epochs 2+) with its 95% interval, and per FLOP."""
     rows = []
     for model, baseline in _pairs(groups):
-        interval = stats.ratio_interval([r.median_speed("img_per_s") for r in model.runs],
-                                        [r.median_speed("img_per_s") for r in baseline.runs])
-        flops = stats.ratio_interval([r.median_speed("train_tflop_per_s") for r in model.runs],
-                                     [r.median_speed("train_tflop_per_s") for r in baseline.runs])
-        rows.append({"model": model.label, "baseline": baseline.label, "ratio": interval.estimate,
-                     "low": interval.low, "high": interval.high, "verdict": interval.verdict,
-                     "n_model": interval.n_a, "n_baseline": interval.n_b, "per_flop_ratio": flops.estimate,
+        speed = stats.ratio_interval(model.medians("img_per_s"), baseline.medians("img_per_s"))
+        tflops = (model.medians("train_tflop_per_s"), baseline.medians("train_tflop_per_s"))
+        rows.append({"model": model.label, "baseline": baseline.label, "ratio": speed.estimate,
+                     "low": speed.low, "high": speed.high, "verdict": speed.verdict,
+                     "n_model": speed.n_a, "n_baseline": speed.n_b,
+                     "per_flop_ratio": stats.ratio_interval(*tflops).estimate,
                      "model_gflops": model.first_value("gflops"), "baseline_gflops": baseline.first_value("gflops"),
-                     "model_tflop_per_s": float(np.mean(
-                         [r.median_speed("train_tflop_per_s") for r in model.runs])),
-                     "baseline_tflop_per_s": float(np.mean(
-                         [r.median_speed("train_tflop_per_s") for r in baseline.runs]))})
+                     "model_tflop_per_s": float(np.mean(tflops[0])), "baseline_tflop_per_s": float(np.mean(tflops[1]))})
     return pd.DataFrame(rows)
 
 
@@ -552,8 +553,8 @@ def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
     single = [m.model for m in models.itertuples() if m.speed_from_epoch_1]
     if single:
         lines.append(f"Runs with a single epoch take their speed from epoch 1, warm-up included: {', '.join(single)}.")
-    if len({g.recipe_name for g in groups}) > 1 or len({dict(g.conditions).get(KNOB + "label_smoothing")
-                                                          for g in groups}) > 1:
+    recipes = {tuple((k, v) for k, v in g.conditions if k == "recipe" or k.startswith(KNOB)) for g in groups}
+    if len(recipes) > 1:
         lines.append("Train loss depends on the recipe (augmentation, label smoothing): read it within one "
                      "recipe only; it is never compared across recipes here.")
     return lines
@@ -581,7 +582,7 @@ def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None) -> Sum
     groups = group_runs(load_runs(paths))
     results = results_table(groups, epochs)
     models = models_table(groups)
-    gaps = accuracy_gaps(groups, results) if not results.empty else accuracy_gaps([], results)
+    gaps = accuracy_gaps(groups, results)
     speeds = speed_ratios(groups)
     return Summary(groups, results, models, gaps, speeds, takeaways(groups, models, gaps, speeds),
                    notes(groups, models))
@@ -612,15 +613,22 @@ OPTIONAL_ACCURACY_TITLES = {"val_acc": "Val acc %", "test_acc_ema": "EMA test ac
 
 
 def result_view(results: pd.DataFrame) -> View:
-    extra = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
-    headers = (["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI"]
-               + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in extra]
-               + ["Train loss", "Train time s (cumul.)"])
-    rows = [[r["model"], str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2), _fmt(r["test_acc_ci95"], 2)]
-            + [_mean_std(r, c, 2) for c in extra]
-            + [_fmt(r.get("train_loss", math.nan), 4), _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
+    headers = ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI", "Train loss", "Train time s (cumul.)"]
+    rows = [[r["model"], str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2), _fmt(r["test_acc_ci95"], 2),
+             _fmt(r.get("train_loss", math.nan), 4), _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
             for _, r in results.iterrows()]
     return View("Results", headers, rows)
+
+
+def other_accuracy_view(results: pd.DataFrame) -> View | None:
+    """Validation, EMA and TTA accuracies, when the runs recorded any: beside test_acc, never instead."""
+    present = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
+    if not present:
+        return None
+    headers = ["Model", "Epoch", "Seeds"] + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in present]
+    rows = [[r["model"], str(r["epoch"]), str(r["runs"])] + [_mean_std(r, c, 2) for c in present]
+            for _, r in results.iterrows()]
+    return View("Other accuracies", headers, rows)
 
 
 def model_view(models: pd.DataFrame) -> View:
@@ -650,8 +658,9 @@ def gap_view(gaps: pd.DataFrame) -> View:
 
 
 def views(summary: Summary) -> list[View]:
-    shown = [result_view(summary.results), model_view(summary.models), speed_view(summary.models)]
-    return shown + ([gap_view(summary.gaps)] if not summary.gaps.empty else [])
+    shown = [result_view(summary.results), other_accuracy_view(summary.results), model_view(summary.models),
+             speed_view(summary.models), gap_view(summary.gaps) if not summary.gaps.empty else None]
+    return [view for view in shown if view is not None]
 
 
 def _longest_word(texts: Iterable[str]) -> int:
@@ -743,8 +752,33 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
+def _draw_accuracy(axis, x: np.ndarray, curve: pd.DataFrame, color, label: str | None) -> None:
+    """Mean over seeds with a ±std band; a single epoch gets an error bar instead (a band needs two)."""
+    if len(curve) == 1:
+        axis.errorbar(x, curve["mean"], yerr=curve["std"].fillna(0), marker="o", markersize=7, capsize=5,
+                      color=color, label=label)
+        return
+    axis.plot(x, curve["mean"], marker="o", color=color, label=label)
+    if (curve["n"] >= 2).any():
+        axis.fill_between(x, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color, alpha=0.2,
+                          linewidth=0)
+
+
+def _draw_speed(axis, models: pd.DataFrame, colors) -> None:
+    """Horizontal bars (long labels stay readable), each labelled with its value ± std."""
+    positions = np.arange(len(models))[::-1]
+    means, stds = models["median_img_per_s"], models["median_img_per_s_std"].fillna(0)
+    bars = axis.barh(positions, means, xerr=stds, color=[colors(i % 10) for i in range(len(models))], capsize=4)
+    labels = [f"{m:,.1f}" + (f" ± {s:,.1f}" if s else "") + (" (epoch 1)" if one else "")
+              for m, s, one in zip(means, stds, models["speed_from_epoch_1"])]
+    axis.bar_label(bars, labels=labels, padding=6)
+    axis.set_yticks(positions, [textwrap.fill(m, 28) for m in models["model"]])
+    axis.set_xlim(0, float((means + stds).max()) * 1.45)
+    axis.set(title=f"Training speed ({SPEED_NAME})", xlabel="img/s (mean ± std over seeds)")
+
+
 def plot(summary: Summary, path: Path) -> None:
-    """Test accuracy by epoch and by cumulative training time (mean, ±std band over seeds), and speed bars."""
+    """Test accuracy by epoch and by cumulative training time (mean, ±std over seeds), and speed bars."""
     try:
         import matplotlib
 
@@ -753,40 +787,31 @@ def plot(summary: Summary, path: Path) -> None:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
-    groups, models = summary.groups, summary.models
-    curves = [accuracy_curve(g) for g in groups]
-    scale, unit = _time_unit(max(float(c["time"].max()) for c in curves) if curves else 0.0)
-    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2),
-                                                      gridspec_kw={"width_ratios": [1, 1, 1.1]})
+    curves = [accuracy_curve(g) for g in summary.groups]
+    scale, unit = _time_unit(max(float(c["time"].max()) for c in curves))
+    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     colors = plt.get_cmap("tab10")
-    for index, (group, curve) in enumerate(zip(groups, curves)):
-        color = colors(index % 10)
+    for index, (group, curve) in enumerate(zip(summary.groups, curves)):
         label = f"{group.label} (n={len(group.runs)})"
-        for axis, x in ((by_epoch, curve.index.to_numpy()), (by_time, curve["time"].to_numpy() / scale)):
-            axis.plot(x, curve["mean"], marker="o", color=color, label=label if axis is by_epoch else None)
-            if (curve["n"] >= 2).any():
-                axis.fill_between(x, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color,
-                                  alpha=0.2, linewidth=0)
-    last = max((int(c.index.max()) for c in curves), default=1)
+        _draw_accuracy(by_epoch, curve.index.to_numpy(), curve, colors(index % 10), label)
+        _draw_accuracy(by_time, curve["time"].to_numpy() / scale, curve, colors(index % 10), None)
+    last = max(int(c.index.max()) for c in curves)
     by_epoch.set_xlim(0.5, last + 0.5)
-    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_epoch.set(title="Test accuracy by epoch", xlabel="epoch", ylabel="test accuracy %")
+    if last <= 20:
+        by_epoch.set_xticks(range(1, last + 1))
+    else:
+        by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    by_epoch.set(title="Test accuracy by epoch (mean ± std over seeds)", xlabel="epoch", ylabel="test accuracy %")
     by_time.set_xlim(left=0)
     by_time.set(title="Test accuracy by training time", xlabel=f"cumulative training time ({unit})",
                 ylabel="test accuracy %")
     for axis in (by_epoch, by_time):
         axis.grid(alpha=0.3)
-    positions = np.arange(len(models))[::-1]
-    bars = speed.barh(positions, models["median_img_per_s"], xerr=models["median_img_per_s_std"].fillna(0),
-                      color=[colors(i % 10) for i in range(len(models))], capsize=4)
-    speed.bar_label(bars, labels=[f"{v:,.1f}" for v in models["median_img_per_s"]], padding=6)
-    speed.set_yticks(positions, [textwrap.fill(m, 24) for m in models["model"]])
-    speed.set_xlim(0, float((models["median_img_per_s"] + models["median_img_per_s_std"].fillna(0)).max()) * 1.3)
-    speed.set(title=f"Training speed ({SPEED_NAME})", xlabel="img/s (mean ± std over seeds)")
+        axis.margins(y=0.15)
+    _draw_speed(speed, summary.models, colors)
     handles, labels = by_epoch.get_legend_handles_labels()
-    rows = math.ceil(len(labels) / 3)
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
-    figure.tight_layout(rect=(0, 0.05 + 0.05 * rows, 1, 1))
+    figure.tight_layout(rect=(0, 0.05 + 0.05 * math.ceil(len(labels) / 3), 1, 1))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path, format="png", dpi=110)

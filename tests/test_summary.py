@@ -322,7 +322,7 @@ def test_optional_accuracy_columns_are_aggregated_when_present(tmp_path, capsys)
     assert np.isfinite(last["val_acc_ci95"]) and last["train_objective"] == pytest.approx(1.2)
     assert "test_acc_tta" not in table
     code, out, _ = _summary([tmp_path, "--format", "markdown"], capsys)
-    assert code == 0 and "EMA test acc %" in out and "Val acc %" in out and "TTA" not in out
+    assert code == 0 and "## Other accuracies" in out and "| 53.00 ± 1.41 |" in out and "TTA" not in out
 
 
 def test_minimal_csv_without_run_columns_still_summarizes(tmp_path):
@@ -360,6 +360,16 @@ def test_table_fits_80_columns_and_keeps_numbers_whole(mixed, capsys, monkeypatc
     gap = result.gaps.iloc[-1]
     assert f"[{gap['low']:+.2f}, {gap['high']:+.2f}]" in out
     assert "significant" in out and "95%" in out and "median img/s" in out.lower().replace("\n", " ")
+
+
+def test_all_optional_accuracies_still_fit_80_columns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for seed in (0, 1):
+        write_run(tmp_path / f"s{seed}", "tiny_resnext", seed, [40.0], extra={
+            "val_acc": [41.0], "test_acc_ema": [42.0], "test_acc_tta": [43.0], "val_loss": [1.0]})
+    code, out, _ = _summary([tmp_path], capsys)
+    assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
+    assert "Other accuracies" in out and "43.00 ± 0.00" in out
 
 
 def test_narrow_terminal_wraps_but_never_cuts_numbers(mixed, capsys, monkeypatch):
