@@ -483,9 +483,9 @@ def _interval_text(low: float, high: float, digits: int = 2, signed: bool = True
 def speed_lines(ratios: pd.DataFrame) -> list[str]:
     lines = []
     for r in ratios.itertuples():
-        interval = (f", 95% interval {_interval_text(r.low, r.high, signed=False)}x ({r.n_model} vs "
+        interval = (f", 95% interval {_interval_text(r.low, r.high, 3, signed=False)}x ({r.n_model} vs "
                     f"{r.n_baseline} runs): {r.verdict}" if not math.isnan(r.low) else f" ({stats.ONE_SEED})")
-        lines.append(f"{r.model} trains at {r.ratio:.2f}x the speed of {r.baseline} ({SPEED_NAME}){interval}; "
+        lines.append(f"{r.model} trains at {r.ratio:.3f}x the speed of {r.baseline} ({SPEED_NAME}){interval}; "
                      f"per FLOP it runs at {r.per_flop_ratio:.2f}x ({_gflops(r.model_gflops)} vs "
                      f"{_gflops(r.baseline_gflops)} GFLOPs/image, {r.model_tflop_per_s:.3f} vs "
                      f"{r.baseline_tflop_per_s:.3f} TFLOP/s achieved).")
@@ -842,7 +842,7 @@ def render(summary: Summary, form: str) -> str:
         width = shutil.get_terminal_size((80, 24)).columns
         console = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
         render_rich(summary, console)
-        return console.file.getvalue()
+        return "".join(line.rstrip() + "\n" for line in console.file.getvalue().splitlines())
     return render_markdown(summary) if form == "markdown" else render_csv(summary)
 
 
