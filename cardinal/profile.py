@@ -613,7 +613,8 @@ def plot(profiles: Sequence[ArchProfile], path: Path, heading: str) -> None:
         stacked.bar(archs, values, bottom=bottoms, label=op_class, color=colors(index % 10))
         bottoms = [b + v for b, v in zip(bottoms, values)]
     stacked.set(title="Where a training step's time goes", ylabel="ms per step")
-    stacked.legend(fontsize=8)
+    handles, labels = stacked.get_legend_handles_labels()
+    stacked.legend(handles[::-1], labels[::-1], fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     counted = [c for c in classes if any(p.row(c).gflop > 0 for p in profiles)]
     width = 0.8 / max(1, len(profiles))
     for offset, result in enumerate(profiles):
