@@ -102,8 +102,7 @@ def paired_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     n = summary.n
     if n < 2:
         return Interval(summary.mean, math.nan, math.nan, "", n, n)
-    half = 0.0 if summary.std == 0 else summary.ci95
-    return Interval(summary.mean, summary.mean - half, summary.mean + half, "paired", n, n)
+    return Interval(summary.mean, summary.mean - summary.ci95, summary.mean + summary.ci95, "paired", n, n)
 
 
 def gap_interval(a: Sequence[float], b: Sequence[float], seeds_a: Sequence | None = None,

@@ -492,7 +492,7 @@ def speed_lines(ratios: pd.DataFrame) -> list[str]:
     return lines
 
 
-def gap_line(r) -> str:
+def gap_line(r: Any) -> str:
     """One accuracy gap in words, never without its verdict."""
     if math.isnan(r.low):
         return (f"At epoch {r.epoch}, {r.model} is {_signed(r.gap)} points of test accuracy against {r.baseline} "
@@ -603,7 +603,7 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _mean_std(row, column: str, digits: int) -> str:
+def _mean_std(row: pd.Series, column: str, digits: int) -> str:
     std = row.get(f"{column}_std", math.nan)
     text = _fmt(row[column], digits)
     return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
