@@ -6,33 +6,47 @@
 Each configuration is measured for cardinal's model and for the same architecture built from
 torchvision's classes (``cardinal.reference``), in the same process, ``--repeats`` times in alternating
 order after warm-up steps; the best of each counts, since noise on a shared machine only slows a run.
+How far the repeats disagree is reported beside it (the spread, (max - min) / median), and a ratio whose
+repeats disagree by more than ``--noise-limit`` percent is flagged: it cannot be told apart from noise.
 Achieved TFLOP/s uses the counted forward FLOPs (x3 for a training step).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
+import statistics
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from rich import box
 from rich.table import Table
 
-from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_int, run
+from cardinal.cli import (
+    ArgumentParser,
+    CardinalError,
+    make_console,
+    positive_float,
+    positive_int,
+    run,
+)
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
-from cardinal.reference import torchvision_model
 from cardinal.records import write_csv
+from cardinal.reference import torchvision_model
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = ("train", "infer")
 IMPLEMENTATIONS = ("cardinal", "torchvision")
+NOISE_LIMIT_PCT = 10.0
+NOISY_MARK = "*"
 
 
 def _autocast(device: torch.device, precision: str):
@@ -75,10 +89,47 @@ def measure(model: torch.nn.Module, mode: str, batch: int, precision: str, memor
     return batch * steps / (time.perf_counter() - start)
 
 
+def measure_alternating(models: dict[str, torch.nn.Module], repeats: int, **settings) -> dict[str, list[float]]:
+    """``repeats`` measurements of each implementation, the order reversed on every other repeat."""
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for repeat in range(repeats):
+        for name in (IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]):
+            rates[name].append(measure(models[name], **settings))
+    return rates
+
+
+def spread_pct(rates: Sequence[float]) -> float:
+    """(max - min) / median of the repeats, in percent; NaN for a single measurement (nothing to compare)."""
+    if len(rates) < 2:
+        return math.nan
+    return 100.0 * (max(rates) - min(rates)) / statistics.median(rates)
+
+
+def is_noisy(spreads: Sequence[float], limit_pct: float) -> bool:
+    """A ratio is noisy when the repeats of either implementation disagree by more than ``limit_pct``."""
+    return any(spread > limit_pct for spread in spreads if not math.isnan(spread))
+
+
+def result_columns(rates: dict[str, list[float]], flops_per_image: float, noise_limit_pct: float) -> dict:
+    """Per implementation: best, median, spread and the raw repeats; then the ratio of the bests and its flag."""
+    columns: dict = {}
+    for name, repeats in rates.items():
+        best = max(repeats)
+        columns[f"{name}_img_per_s"] = best
+        columns[f"{name}_median_img_per_s"] = statistics.median(repeats)
+        columns[f"{name}_spread_pct"] = spread_pct(repeats)
+        columns[f"{name}_repeats_img_per_s"] = ";".join(f"{rate:.6g}" for rate in repeats)
+        columns[f"{name}_tflop_per_s"] = best * flops_per_image / 1e12
+    columns["cardinal_vs_torchvision"] = max(rates["cardinal"]) / max(rates["torchvision"])
+    columns["noisy"] = is_noisy([columns[f"{name}_spread_pct"] for name in rates], noise_limit_pct)
+    return columns
+
+
 def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: Sequence[str],
                   memory_formats: Sequence[str], modes: Sequence[str], steps: int, warmup: int,
-                  device: torch.device, repeats: int = 2, on_row=None) -> pd.DataFrame:
-    rows: List[Dict] = []
+                  device: torch.device, repeats: int = 2, on_row=None,
+                  noise_limit_pct: float = NOISE_LIMIT_PCT) -> pd.DataFrame:
+    rows: list[dict] = []
     for arch in archs:
         torch.manual_seed(0)
         models = {"cardinal": build_model(arch), "torchvision": torchvision_model(arch)}
@@ -86,18 +137,12 @@ def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: 
         flops = count_forward_flops(models["cardinal"])
         params = sum(p.numel() for p in models["cardinal"].parameters())
         for batch, precision, layout, mode in itertools.product(batch_sizes, precisions, memory_formats, modes):
-            rates = {name: 0.0 for name in models}
-            for repeat in range(repeats):  # alternate the order; the best of each counts
-                for name in (IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]):
-                    rate = measure(models[name], mode, batch, precision, FORMATS[layout], device, steps, warmup)
-                    rates[name] = max(rates[name], rate)
-            flops_per_image = flops * (3 if mode == "train" else 1)
+            rates = measure_alternating(models, repeats, mode=mode, batch=batch, precision=precision,
+                                        memory_format=FORMATS[layout], device=device, steps=steps,
+                                        warmup=warmup)
             row = {"arch": arch, "params": params, "gflops": flops / 1e9, "mode": mode, "batch": batch,
-                   "precision": precision, "memory_format": layout}
-            for name, rate in rates.items():
-                row[f"{name}_img_per_s"] = rate
-                row[f"{name}_tflop_per_s"] = rate * flops_per_image / 1e12
-            row["cardinal_vs_torchvision"] = rates["cardinal"] / rates["torchvision"]
+                   "precision": precision, "memory_format": layout, "repeats": repeats}
+            row.update(result_columns(rates, flops * (3 if mode == "train" else 1), noise_limit_pct))
             row["device"] = str(device)
             row["threads"] = torch.get_num_threads()
             rows.append(row)
@@ -106,16 +151,62 @@ def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: 
     return pd.DataFrame(rows)
 
 
+# Settings shown in a row only where rows differ; a setting shared by all rows goes into the title.
+SETTINGS = ("mode", "precision", "memory_format", "batch")
+
+
+def setting_label(column: str, value) -> str:
+    if column == "memory_format":
+        return {"channels_last": "nhwc"}.get(value, str(value))
+    return f"b{value}" if column == "batch" else str(value)
+
+
+def format_pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.1f}%"
+
+
+def worst_spread_pct(row) -> float:
+    """The larger spread of the two implementations: the one that limits how far the ratio can be trusted."""
+    spreads = [s for s in (getattr(row, f"{name}_spread_pct") for name in IMPLEMENTATIONS) if not math.isnan(s)]
+    return max(spreads) if spreads else math.nan
+
+
 def render(frame: pd.DataFrame, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("arch", "mode", "batch", "precision", "format", "cardinal img/s", "torchvision img/s",
-                   "ratio", "cardinal TFLOP/s"):
-        table.add_column(column, justify="left" if column in ("arch", "mode", "precision", "format") else "right")
+    """One row per configuration, narrow enough for an 80-column terminal; numbers never wrap."""
+    varying = [column for column in SETTINGS if frame[column].nunique() > 1]
+    shared = [setting_label(column, frame[column].iloc[0]) for column in SETTINGS if column not in varying]
+    table = Table(title=f"{title}: {' '.join(shared)}" if shared else title, box=box.SIMPLE_HEAD,
+                  collapse_padding=True, caption="spread: (max - min) / median of the repeated img/s of each "
+                  "implementation; the larger of the two is shown", caption_justify="left")
+    table.add_column("arch", no_wrap=True)
+    if varying:
+        table.add_column("setting", min_width=7)
+    for header in ("cardinal\nimg/s", "torchvision\nimg/s", "ratio", "spread", "cardinal\nTFLOP/s"):
+        table.add_column(header, justify="right", no_wrap=True)
     for row in frame.itertuples():
-        table.add_row(row.arch, row.mode, str(row.batch), row.precision, row.memory_format,
-                      f"{row.cardinal_img_per_s:.1f}", f"{row.torchvision_img_per_s:.1f}",
-                      f"{row.cardinal_vs_torchvision:.2f}x", f"{row.cardinal_tflop_per_s:.3f}")
+        setting = [" ".join(setting_label(column, getattr(row, column)) for column in varying)] if varying else []
+        table.add_row(row.arch, *setting, f"{row.cardinal_img_per_s:.1f}", f"{row.torchvision_img_per_s:.1f}",
+                      f"{row.cardinal_vs_torchvision:.2f}x" + (NOISY_MARK if row.noisy else " "),
+                      format_pct(worst_spread_pct(row)), f"{row.cardinal_tflop_per_s:.3f}",
+                      style="yellow" if row.noisy else None)
     return table
+
+
+def noise_notes(frame: pd.DataFrame, limit_pct: float) -> list[str]:
+    """The lines under the table: what a flagged ratio means and what to do about it."""
+    notes = []
+    if frame["noisy"].any():
+        notes.append(f"{NOISY_MARK} repeats disagree by more than {limit_pct:g}%: that ratio is within the noise; "
+                     "rerun with more --steps and --repeats.")
+    if (frame["repeats"] < 2).any():
+        notes.append("one repeat: spread not measured, noise unknown; use --repeats 2 or more.")
+    return notes
+
+
+def progress_line(row: dict) -> str:
+    return (f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} {row['memory_format']}: "
+            f"{row['cardinal_img_per_s']:.1f} img/s (spread {format_pct(row['cardinal_spread_pct'])}), "
+            f"torchvision {row['torchvision_img_per_s']:.1f} (spread {format_pct(row['torchvision_spread_pct'])})")
 
 
 def build_parser() -> ArgumentParser:
@@ -131,13 +222,16 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=5, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
     parser.add_argument("--repeats", type=positive_int, default=2,
-                        help="measurements per implementation, in alternating order; the best counts")
+                        help="measurements per implementation, in alternating order; the best counts and "
+                             "their spread is reported")
+    parser.add_argument("--noise-limit", type=positive_float, default=NOISE_LIMIT_PCT, metavar="PCT",
+                        help="flag a ratio whose repeats differ by more than this, in percent of their median")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("bench.csv"), help="CSV file to write")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -153,18 +247,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     console = make_console()
     console.print(f"benchmarking on {device} ({torch.get_num_threads()} threads), "
-                  f"{args.steps} steps after {args.warmup} warm-up steps per configuration")
+                  f"{args.steps} steps after {args.warmup} warm-up steps per configuration, "
+                  f"{args.repeats} repeat(s) per implementation")
     frame = run_benchmark(args.archs, args.batch_sizes, args.precisions, args.memory_formats, args.modes,
                           args.steps, args.warmup, device, args.repeats,
-                          on_row=lambda row: console.print(
-                              f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} "
-                              f"{row['memory_format']}: {row['cardinal_img_per_s']:.1f} img/s "
-                              f"(torchvision {row['torchvision_img_per_s']:.1f})"))
+                          on_row=lambda row: console.print(progress_line(row), highlight=False),
+                          noise_limit_pct=args.noise_limit)
     try:
         write_csv(frame, args.output)
     except OSError as error:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     console.print(render(frame, f"Throughput on {device}"))
+    for note in noise_notes(frame, args.noise_limit):
+        console.print(note, highlight=False)
     console.print(f"written {args.output}")
     return 0
 

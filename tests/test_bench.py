@@ -1,12 +1,23 @@
+import itertools
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
 import torchvision
+from rich.console import Console
 
-from cardinal import build_model, list_archs
+from cardinal import bench, build_model, list_archs
 from cardinal.cli import run
 from cardinal.reference import torchvision_model
-from cardinal import bench
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("arch", list_archs())
@@ -41,7 +52,9 @@ def test_bench_writes_its_csv_with_a_torchvision_column(tmp_path, monkeypatch, c
     assert (frame[["cardinal_img_per_s", "torchvision_img_per_s", "cardinal_tflop_per_s"]] > 0).all().all()
     assert set(frame["mode"]) == {"train", "infer"} and set(frame["precision"]) == {"no", "bf16"}
     assert measured.count("torchvision.models.resnet") == 8 and measured.count("cardinal.models") == 8
-    assert "torchvision img/s" in capsys.readouterr().out
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["cardinal", "torchvision", "cardinal"] in lines  # the table's two header lines
+    assert ["arch", "setting", "img/s", "img/s", "ratio", "spread", "TFLOP/s"] in lines
 
 
 def test_bench_bad_output_path_exits_2(tmp_path, capsys):
@@ -56,3 +69,153 @@ def test_bench_output_that_is_a_folder_exits_2_before_measuring(tmp_path, capsys
     with pytest.raises(SystemExit) as code:
         run(bench.main, ["--archs", "tiny_resnet", "--output", str(tmp_path)])
     assert code.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+# Scripted img/s per (precision, implementation), one value per repeat: "no" disagrees by ~26% between
+# repeats of cardinal ((130 - 100) / 115), "bf16" stays within 5% for both implementations.
+SCRIPTED = {"no": {"cardinal": [100.0, 130.0, 115.0], "torchvision": [100.0, 102.0, 101.0]},
+            "bf16": {"cardinal": [200.0, 205.0, 203.0], "torchvision": [198.0, 200.0, 196.0]}}
+
+
+def run_scripted_bench(tmp_path, monkeypatch, extra=()):
+    """bench.main on tiny_resnet with ``measure`` replaced by the scripted values; returns (csv, calls)."""
+    remaining = {precision: {name: list(rates) for name, rates in by_impl.items()}
+                 for precision, by_impl in SCRIPTED.items()}
+    calls = []
+
+    def scripted_measure(model, *, precision, **settings):
+        name = "torchvision" if type(model).__module__.startswith("torchvision") else "cardinal"
+        calls.append((precision, name))
+        return remaining[precision][name].pop(0)
+    monkeypatch.setattr(bench, "measure", scripted_measure)
+    output = tmp_path / "bench.csv"
+    with pytest.raises(SystemExit) as code:
+        run(bench.main, ["--archs", "tiny_resnet", "--batch-sizes", "8", "--precisions", "no", "bf16",
+                         "--memory-formats", "nchw", "--modes", "train", "--repeats", "3", "--output",
+                         str(output), *extra])
+    assert code.value.code == 0
+    return pd.read_csv(output), calls
+
+
+def test_spread_columns_agree_with_the_repeats(tmp_path, monkeypatch):
+    frame, calls = run_scripted_bench(tmp_path, monkeypatch)
+    # the order of implementations alternates from one repeat to the next
+    assert calls[:6] == [("no", "cardinal"), ("no", "torchvision"), ("no", "torchvision"), ("no", "cardinal"),
+                         ("no", "cardinal"), ("no", "torchvision")]
+    for row in frame.itertuples():
+        for name in bench.IMPLEMENTATIONS:
+            repeats = [float(v) for v in str(getattr(row, f"{name}_repeats_img_per_s")).split(";")]
+            assert repeats == SCRIPTED[row.precision][name]
+            assert getattr(row, f"{name}_img_per_s") == max(repeats)
+            assert getattr(row, f"{name}_median_img_per_s") == statistics.median(repeats)
+            assert getattr(row, f"{name}_spread_pct") == pytest.approx(
+                100 * (max(repeats) - min(repeats)) / statistics.median(repeats))
+        assert row.cardinal_vs_torchvision == pytest.approx(row.cardinal_img_per_s / row.torchvision_img_per_s)
+        assert row.repeats == 3
+
+
+@pytest.mark.parametrize("limit, flagged", [(None, {"no"}), ("30", set())])
+def test_ratios_whose_repeats_disagree_are_flagged(tmp_path, monkeypatch, capsys, limit, flagged):
+    frame, _ = run_scripted_bench(tmp_path, monkeypatch, ["--noise-limit", limit] if limit else [])
+    assert frame["noisy"].dtype == bool
+    assert set(frame.loc[frame["noisy"], "precision"]) == flagged
+    out = capsys.readouterr().out
+    ratio_cells = {precision: line for line in out.splitlines() for precision in SCRIPTED
+                   if line.split()[:2] == ["tiny_resnet", precision]}
+    assert set(ratio_cells) == set(SCRIPTED)
+    for precision, line in ratio_cells.items():
+        assert ("x*" in line) == (precision in flagged)
+    footnote = [line for line in out.splitlines() if line.startswith(bench.NOISY_MARK)]
+    if flagged:
+        assert len(footnote) == 1 and "10%" in footnote[0] and "--steps" in footnote[0]
+    else:
+        assert footnote == []
+
+
+def test_single_repeat_has_no_spread_and_says_so():
+    assert math.isnan(bench.spread_pct([123.0]))
+    assert bench.spread_pct([90.0, 110.0, 100.0]) == pytest.approx(20.0)
+    assert not bench.is_noisy([math.nan, math.nan], 10.0) and bench.is_noisy([math.nan, 10.5], 10.0)
+    frame = pd.DataFrame([{"noisy": False, "repeats": 1}])
+    assert any("one repeat" in note for note in bench.noise_notes(frame, 10.0))
+
+
+def test_table_fits_80_columns_without_breaking_numbers():
+    rows = []
+    for arch, mode, precision, layout, batch in itertools.product(
+            ["resnext101_32x8d", "resnet50"], bench.MODES, ["no", "bf16"], list(bench.FORMATS), [128, 1024]):
+        row = {"arch": arch, "mode": mode, "precision": precision, "memory_format": layout, "batch": batch,
+               "repeats": 3}
+        row.update(bench.result_columns({"cardinal": [123456.7, 100000.0, 110000.0],
+                                         "torchvision": [12345.6, 12000.0, 12100.0]}, 7.8e9, 10.0))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for subset in (frame, frame[(frame["batch"] == 128) & (frame["memory_format"] == "nchw")]):
+        console = Console(width=80, record=True)
+        console.print(bench.render(subset, "Throughput on cuda:0"))
+        text = console.export_text()
+        assert max(len(line) for line in text.splitlines()) <= 80
+        for number in ("123456.7", "12345.6", "10.00x*", "21.3%", "962.962"):
+            assert text.count(number) == len(subset), number
+
+
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def gpu_check_env(**extra):
+    """The script's environment: this Python's tools first on PATH, no CUDA device, no CPU escape hatch."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("GPU_CHECK_", "CARDINAL_GPU"))}
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHON=sys.executable,
+               CUDA_VISIBLE_DEVICES="", **extra)
+    return env
+
+
+def run_command(command, env=None, timeout=120):
+    return subprocess.run([str(part) for part in command], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+def test_gpu_check_script_parses_and_is_executable():
+    assert os.access(GPU_CHECK, os.X_OK)
+    done = run_command(["bash", "-n", GPU_CHECK])
+    assert done.returncode == 0, done.stderr
+
+
+def test_gpu_check_script_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    done = run_command([shellcheck, GPU_CHECK])
+    assert done.returncode == 0, done.stdout
+
+
+def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path):
+    output = tmp_path / "check"
+    done = run_command(["bash", GPU_CHECK, output], env=gpu_check_env())
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no CUDA device" in done.stderr
+    assert not output.exists()
+
+
+def test_gpu_check_refuses_an_unknown_check(tmp_path):
+    done = run_command(["bash", GPU_CHECK, tmp_path / "check"], env=gpu_check_env(GPU_CHECK_ONLY="fp32 warp-speed"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "warp-speed" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_table_on_the_cpu(tmp_path):
+    """A failing check (export without the bf16 run's weights) does not stop the next one, and sets the exit code."""
+    output = tmp_path / "check"
+    env = gpu_check_env(CARDINAL_GPU_CHECK_ALLOW_CPU="1", GPU_CHECK_ARCH="tiny_resnet", GPU_CHECK_STEPS="2",
+                        GPU_CHECK_BATCH="16", GPU_CHECK_ONLY="export fp32 sync-bn")
+    done = run_command(["bash", GPU_CHECK, output], env=env, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr
+    table = (output / "summary.txt").read_text()
+    rows = {line.split()[0]: line.split() for line in table.splitlines()
+            if line.split() and line.split()[0] in {"export", "fp32", "sync-bn"}}
+    assert rows["export"][1] == "FAIL"
+    assert rows["fp32"][1] == "pass" and (output / "fp32.log").is_file()
+    rate = pd.read_csv(output / "runs" / "fp32" / "epochs.csv")["img_per_s"].iloc[-1]
+    assert rows["fp32"][3] == f"{rate:.1f}"
+    assert rows["sync-bn"][1] == "skip" and "2 CUDA devices" in table
