@@ -179,7 +179,7 @@ class ConsoleReport:
             return
         cells = epoch_cells(row)
         table = Table(show_header=not self._header_printed, box=None, pad_edge=False, show_edge=False,
-                      padding=(0, 1))
+                      padding=(0, 0, 0, 1))  # one space between columns, none at the edges
         for (title, _, _, _, width), cell in zip(EPOCH_VIEW, cells):
             table.add_column(title, justify="right", width=max(width, len(cell)))
         table.add_row(*cells)

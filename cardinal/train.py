@@ -563,11 +563,12 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
 def _close(accelerator, clean: bool) -> None:
     """End trackers; after a clean run also leave the process group together (a rank exiting with it open
     can abort the launch). After an error other ranks may be mid-step, so nothing waits for them."""
-    accelerator.end_training()
-    if clean:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if clean and distributed:
         accelerator.wait_for_everyone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    accelerator.end_training()  # also leaves the process group (accelerate >= 1.x)
+    if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

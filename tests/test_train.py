@@ -1,6 +1,9 @@
 """End-to-end training runs through the CLI, as users launch them."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pandas as pd
@@ -9,7 +12,11 @@ import torch
 
 from cardinal import build_model
 from cardinal.records import COLUMNS, TIMING_COLUMNS
+from cardinal.threads import available_cores
+from cifar_fixture import TEST_SIZE
 from conftest import SYNTHETIC, TINY, cli, train
+
+pytestmark = pytest.mark.slow
 
 PROMISED = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s", "train_time_s",
             "it_per_s", "img_per_s", "peak_mem_mb", "arch", "params", "gflops", "train_tflop_per_s",
@@ -47,12 +54,19 @@ def test_synthetic_run_writes_csv_config_checkpoint_and_export(tmp_path):
     assert frame["train_loss"].iloc[1] < frame["train_loss"].iloc[0]  # it learns
 
 
-def test_sample_cifar10_run(tmp_path, sample_dir):
-    frame = train([*TINY, "--dataset", "cifar10", "--data-dir", str(sample_dir), "--epochs", "1",
+def test_cifar10_run_in_bf16_and_channels_last(tmp_path, cifar_dir):
+    frame = train([*TINY, "--dataset", "cifar10", "--data-dir", str(cifar_dir), "--epochs", "1",
                    "--max-steps", "3", "--recipe", "fast", "--batch-size", "64", "--mixed-precision", "bf16",
                    "--channels-last"], tmp_path)
     _check_run_folder(tmp_path / "run", frame, epochs=1)
     assert frame["steps"].iloc[0] == 3 and frame["train_images"].iloc[0] == 3 * 64
+    assert frame["test_images"].iloc[0] == TEST_SIZE and frame["precision"].iloc[0] == "bf16"
+
+
+def test_sample_cifar10_run(tmp_path, sample_dir):
+    frame = train([*TINY, "--dataset", "cifar10", "--data-dir", str(sample_dir), "--epochs", "1",
+                   "--max-steps", "2", "--recipe", "fast", "--batch-size", "64", "--mixed-precision", "bf16",
+                   "--channels-last", "--no-export"], tmp_path)
     assert frame["test_images"].iloc[0] == 846 and frame["precision"].iloc[0] == "bf16"
 
 
@@ -93,3 +107,61 @@ def test_resume_gives_the_same_csv_as_an_uninterrupted_run(tmp_path):
     resumed = pd.read_csv(tmp_path / "resumed" / "epochs.csv")
     compared = [c for c in straight.columns if c not in TIMING_COLUMNS + ("run_name", "command")]
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
+
+
+def test_two_process_accuracy_is_the_saved_models_accuracy(tmp_path):
+    """Without --sync-bn each rank's BatchNorm statistics drift apart; the CSV must still describe the
+    model that is saved, evaluated in one process."""
+    args = [*TINY, *SYNTHETIC, "--synthetic-train", "512", "--synthetic-test", "256", "--recipe", "fast",
+            "--epochs", "2"]
+    two = train(args, tmp_path, processes=2, run_name="two")
+    done = cli("cardinal.train", [*TINY, *SYNTHETIC, "--synthetic-train", "512", "--synthetic-test", "256",
+                                  "--eval-only", "--init-weights", str(tmp_path / "two" / "model_state.pt"),
+                                  "--output-dir", str(tmp_path), "--run-name", "eval"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert alone["world_size"] == 1 and alone["test_images"] == 256
+    assert abs(two["test_acc"].iloc[-1] - alone["test_acc"]) < 1e-6
+    assert two["test_loss"].iloc[-1] == pytest.approx(alone["test_loss"], rel=1e-5)
+
+
+def test_a_constant_schedule_run_can_be_lengthened_on_resume(tmp_path):
+    args = [*TINY, *SYNTHETIC, "--epochs", "1", "--no-export", "--warmup-epochs", "0.5"]
+    first = train(args, tmp_path, run_name="r")
+    done = cli("cardinal.train", ["--resume", str(tmp_path / "r"), "--epochs", "2", "--no-progress"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    frame = pd.read_csv(tmp_path / "r" / "epochs.csv")
+    assert list(frame["epoch"]) == [1, 2] and frame["lr"].eq(0.01).all()  # warmed up in epoch 1, then constant
+    assert frame["train_loss"].iloc[0] == pytest.approx(first["train_loss"].iloc[0])
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["recipe"]["epochs"] == 2
+
+
+def test_tensorboard_receives_every_epoch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train([*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "2",
+           "--no-export", "--log-with", "tensorboard"], tmp_path, run_name="tb")
+    events = EventAccumulator(str(tmp_path / "tb" / "trackers" / "tb")).Reload()
+    points = events.Scalars("test_acc")
+    csv = pd.read_csv(tmp_path / "tb" / "epochs.csv")
+    assert [p.step for p in points] == [1, 2]
+    assert [p.value for p in points] == pytest.approx(list(csv["test_acc"]), rel=1e-6)
+    assert "train_loss" in events.Tags()["scalars"] and "img_per_s" in events.Tags()["scalars"]
+
+
+def _launch_one_process(tmp_path, extra_env):
+    """A bare `accelerate launch` with no config, as a new user types it."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(extra_env, PYTHONWARNINGS="ignore")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "-m", "cardinal.train",
+               *TINY, *SYNTHETIC, "--synthetic-train", "64", "--synthetic-test", "64", "--epochs", "1",
+               "--no-export", "--output-dir", str(tmp_path), "--run-name", "t"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return pd.read_csv(tmp_path / "t" / "epochs.csv")["device"].iloc[0]
+
+
+def test_a_bare_accelerate_launch_uses_every_available_core(tmp_path):
+    cores = available_cores()
+    assert _launch_one_process(tmp_path / "a", {}).endswith(f"({cores} thread{'s' if cores > 1 else ''})")
+    assert _launch_one_process(tmp_path / "b", {"OMP_NUM_THREADS": "1"}).endswith("(1 thread)")  # the user's choice
