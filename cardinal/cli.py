@@ -116,5 +116,5 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
         fail(str(error))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        raise SystemExit(130)
+        raise SystemExit(130) from None
     raise SystemExit(code or 0)

@@ -4,7 +4,8 @@ TorchScript (``.ts``) loads with ``torch.jit.load`` from C++ or Python without t
 torch releases deprecate it, so its warning is silenced here and the README says when to prefer the
 ``torch.export`` program (``.pt2``), which is what new deployment paths (AOTInductor, ExecuTorch) take.
 
-    python -m cardinal.export --arch resnet50 --weights runs/resnet50-seed-cifar10-seed0/model_state.pt --output-dir exported/
+    python -m cardinal.export --arch resnet50 \\
+        --weights runs/resnet50-seed-cifar10-seed0/model_state.pt --output-dir exported/
 """
 
 from __future__ import annotations

@@ -28,8 +28,7 @@ def write_text_atomic(path: os.PathLike | str, text: str) -> None:
 
 def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
     """Write, flush to disk, then swap in: a full disk fails here and leaves the old file as it was."""
-    with atomic_target(path) as temp:
-        with open(temp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_target(path) as temp, open(temp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())

@@ -33,7 +33,7 @@ from rich.table import Table
 from cardinal import stats
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.fileio import write_text_atomic
-from cardinal.records import CONFIG_NAME, CSV_NAME
+from cardinal.records import CONFIG_NAME, CSV_NAME, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
 ACCURACIES = ("test_acc", "val_acc", "test_acc_ema", "test_acc_tta")  # every one optional but test_acc
@@ -83,14 +83,9 @@ class Run:
         """Reached its planned epochs (a run without config.json cannot tell, and counts as complete)."""
         return self.planned_epochs is None or self.last_epoch >= self.planned_epochs
 
-    @property
-    def speed_epochs(self) -> pd.DataFrame:
-        """Steady-state epochs: 2..N, or epoch 1 when it is the only one (warm-up included then)."""
-        steady = self.frame[self.frame["epoch"] > 1]
-        return self.frame if steady.empty else steady
-
     def median_speed(self, column: str) -> float:
-        return float(self.speed_epochs[column].median()) if column in self.frame else math.nan
+        """Steady-state speed: the median over epochs 2..N (records.steady_state decides the rule)."""
+        return steady_state(self.frame, column) if column in self.frame else math.nan
 
 
 def find_csvs(paths: Sequence[Path]) -> list[Path]:
@@ -789,7 +784,8 @@ def plot(summary: Summary, path: Path) -> None:
         raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
     curves = [accuracy_curve(g) for g in summary.groups]
     scale, unit = _time_unit(max(float(c["time"].max()) for c in curves))
-    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2),
+                                                      gridspec_kw={"width_ratios": [1, 1, 1.2]})
     colors = plt.get_cmap("tab10")
     for index, (group, curve) in enumerate(zip(summary.groups, curves)):
         label = f"{group.label} (n={len(group.runs)})"

@@ -29,7 +29,8 @@ def resolve_trackers(names: Sequence[str]) -> List[str]:
     chosen = list(TRACKERS) if "all" in names else list(dict.fromkeys(names))
     missing = [n for n in chosen if importlib.util.find_spec(PACKAGES[n]) is None]
     if missing:
-        raise CardinalError(f"--log-with {' '.join(missing)} needs: pip install {' '.join(PACKAGES[n] for n in missing)}")
+        packages = " ".join(PACKAGES[n] for n in missing)
+        raise CardinalError(f"--log-with {' '.join(missing)} needs: pip install {packages}")
     return chosen
 
 

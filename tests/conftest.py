@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from cifar_fixture import write_cifar10
 
 REPO = Path(__file__).resolve().parents[1]

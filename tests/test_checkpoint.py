@@ -16,6 +16,7 @@ import cardinal.checkpoint as checkpoint
 import cardinal.train as train_module
 from cardinal.cli import run
 from cardinal.records import TIMING_COLUMNS
+
 from conftest import SYNTHETIC, TINY
 
 ARGS = [*TINY, *SYNTHETIC, "--synthetic-train", "192", "--synthetic-test", "64", "--recipe", "fast",

@@ -46,7 +46,9 @@ def test_stems_differ_in_resolution_kept():
     imagenet = build_model("tiny_resnet", stem="imagenet").eval()
     assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1)
     assert imagenet.conv1.kernel_size == (7, 7) and imagenet.conv1.stride == (2, 2)
-    feature = lambda m: m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))).shape[-1]
+    def feature(m):
+        return m.layer1(m.maxpool(m.relu(m.bn1(m.conv1(x))))).shape[-1]
+
     assert feature(cifar) == 64 and feature(imagenet) == 16
 
 

@@ -13,6 +13,7 @@ import torch
 from cardinal import build_model
 from cardinal.records import COLUMNS, TIMING_COLUMNS
 from cardinal.threads import available_cores
+
 from cifar_fixture import TEST_SIZE
 from conftest import SYNTHETIC, TINY, cli, train
 

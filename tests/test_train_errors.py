@@ -11,6 +11,7 @@ import pytest
 import cardinal.train as train_module
 from cardinal.cli import run
 from cardinal.engine import NonFiniteLoss
+
 from conftest import SYNTHETIC, TINY
 
 
@@ -241,6 +242,7 @@ def test_eval_only_uses_the_runs_own_normalization(tmp_path):
 
 def test_init_weights_of_another_arch_is_one_line(tmp_path, capsys):
     import torch
+
     from cardinal import build_model
     torch.save(build_model("tiny_resnext").state_dict(), tmp_path / "w.pt")
     code, err = _run_cli([*TINY, *SYNTHETIC, "--init-weights", str(tmp_path / "w.pt"), "--output-dir",

@@ -1,0 +1,57 @@
+"""The study runner resumes a run with the run's own length; it never splices two LR schedules."""
+
+import json
+
+import pytest
+
+from cardinal import study as study_module
+from cardinal.cli import run
+from cardinal.config import RECIPES, TrainConfig
+
+NAME = "tiny_resnet-{recipe}-synthetic-seed0"
+
+
+def _arrange(root, recipe, epochs, done_epochs):
+    """A run folder as cardinal.train leaves it: config.json, and a checkpoint of ``done_epochs``."""
+    run_dir = root / NAME.format(recipe=recipe)
+    (run_dir / "checkpoint").mkdir(parents=True)
+    config = TrainConfig(arch="tiny_resnet", dataset="synthetic", recipe_name=recipe,
+                         recipe=RECIPES[recipe].__class__(**{**RECIPES[recipe].__dict__, "epochs": epochs}))
+    (run_dir / "config.json").write_text(config.to_json())
+    (run_dir / "checkpoint" / "trainer.json").write_text(json.dumps({"epoch": done_epochs}))
+    return run_dir
+
+
+def _study(root, recipe, epochs, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(study_module.main, ["--archs", "tiny_resnet", "--recipe", recipe, "--epochs", str(epochs),
+                                "--dataset", "synthetic", "--output-dir", str(root), "--dry-run"])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_an_interrupted_run_is_resumed_without_changing_its_length(tmp_path, capsys):
+    _arrange(tmp_path, "fast", 3, 1)
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "--resume" in out and "--epochs" not in out
+
+
+@pytest.mark.parametrize("epochs", [2, 5])
+def test_another_length_for_a_length_dependent_schedule_is_refused(tmp_path, capsys, epochs):
+    _arrange(tmp_path, "fast", 3, 3)
+    code, out, err = _study(tmp_path, "fast", epochs, capsys)
+    assert code == 2 and "planned for 3 epochs" in err and "--output-dir" in err and "$" not in out
+
+
+def test_a_constant_schedule_run_is_lengthened(tmp_path, capsys):
+    _arrange(tmp_path, "seed", 2, 2)
+    code, out, _ = _study(tmp_path, "seed", 4, capsys)
+    assert code == 0 and "--resume" in out and "--epochs 4" in out
+
+
+def test_a_folder_with_records_but_no_checkpoint_is_resumed_from_the_start(tmp_path, capsys):
+    run_dir = _arrange(tmp_path, "fast", 3, 1)
+    (run_dir / "checkpoint" / "trainer.json").unlink()
+    (run_dir / "epochs.csv").write_text("epoch,test_acc\n1,10.0\n")
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "--resume" in out  # train restarts it from epoch 1 (tests/test_checkpoint.py)
