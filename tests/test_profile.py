@@ -82,7 +82,8 @@ def test_conv_backward_formula_matches_torch_for_dense_convs():
             [True, True, False])
     out = torch.ops.aten.convolution_backward(*args)
     ours = profile.shape_wrapper(profile.conv_backward_flops)(*args, out_val=out)
-    assert ours == flop_registry[torch.ops.aten.convolution_backward](*args, out_val=out) == 2 * (2 * 2 * 16 * 8 * 9 * 36)  # input and weight gradients
+    theirs = flop_registry[torch.ops.aten.convolution_backward](*args, out_val=out)
+    assert ours == theirs == 2 * (2 * 2 * 16 * 8 * 9 * 36)  # input and weight gradients, each one forward
 
 
 @pytest.mark.parametrize("name, op_class", [
@@ -107,6 +108,19 @@ def test_tables_fit_an_80_column_terminal(profiled):
     assert any("trains at" in line and "the img/s of resnet50" in line for line in lines)
 
 
+def test_csv_contract(profiled, tmp_path):
+    frame = profile.csv_frame(list(profiled.values()), FAKE_PEAK, "no", False, 1, "cpu")
+    assert {"arch", "op_class", "time_ms", "share", "gflop", "tflop_per_s", "peak_fraction",
+            "step_ms_unprofiled"} <= set(frame.columns)
+    assert len(frame) == 2 * len(frame["op_class"].unique())  # every class for every arch, zeros included
+    for _, rows in frame.groupby("arch"):
+        assert rows["share"].sum() == pytest.approx(1.0)
+        assert rows["gflop"].sum() == pytest.approx(3 * rows["forward_gflop"].iloc[0], rel=0.1)
+        timed = rows[rows["time_ms"] > 0]
+        assert timed["tflop_per_s"].to_list() == pytest.approx((timed["gflop"] / timed["time_ms"]).to_list())
+
+
+@pytest.mark.slow
 def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys):
     output, image, traces = tmp_path / "profile.csv", tmp_path / "profile.png", tmp_path / "traces"
     with pytest.raises(SystemExit) as code:
@@ -119,7 +133,7 @@ def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys):
                 "step_ms_unprofiled", "step_ms_profiled", "precision", "channels_last", "batch", "device",
                 "peak_tflop_per_s"}
     assert contract <= set(frame.columns)
-    for arch, rows in frame.groupby("arch"):
+    for _, rows in frame.groupby("arch"):
         assert rows["share"].sum() == pytest.approx(1.0)
         assert rows["time_ms"].sum() == pytest.approx(rows["step_ms_profiled"].iloc[0], rel=1e-6)
         assert rows["gflop"].sum() == pytest.approx(3 * rows["forward_gflop"].iloc[0], rel=0.1)
