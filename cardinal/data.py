@@ -301,6 +301,37 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 8 + stream)
 
 
+VALIDATION_STREAM = 2  # streams 0 and 1 are each epoch's shuffle and augmentation
+
+
+def validation_count(val_images: float, num_samples: int) -> int:
+    """``val_images`` as a number of images: a count as given, a fraction (< 1) of ``num_samples``."""
+    return int(round(val_images * num_samples)) if 0 < val_images < 1 else int(val_images)
+
+
+def split_validation(num_samples: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training indices, validation indices) of a split, both sorted, disjoint and covering it.
+
+    Drawn from the seed alone on the full split, before any sharding, so every process and every number of
+    processes holds out the same images.
+    """
+    if not 0 <= count < num_samples:
+        raise CardinalError(f"cannot hold out {count} validation images of {num_samples}: "
+                            "at least one must stay for training")
+    order = torch.randperm(num_samples, generator=_epoch_generator(seed, 0, VALIDATION_STREAM))
+    return order[count:].sort().values, order[:count].sort().values
+
+
+def hold_out(images: torch.Tensor, labels: torch.Tensor, val_images: float,
+             seed: int) -> tuple[Split, Split | None]:
+    """(training split, validation split or None): ``val_images`` of the training images held out."""
+    count = validation_count(val_images, len(labels))
+    if count == 0:
+        return (images, labels), None
+    train, val = split_validation(len(labels), count, seed)
+    return (images[train], labels[train]), (images[val], labels[val])
+
+
 class Normalize:
     """uint8 images -> float, mean/std normalized, optionally channels_last."""
 

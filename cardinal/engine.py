@@ -52,6 +52,7 @@ class EvalStats:
     accuracy: float
     images: int
     time_s: float
+    flip_accuracy: Optional[float] = None  # logits averaged with the mirrored image's (evaluate(flip=True))
 
 
 def synchronize(device: torch.device) -> None:
@@ -174,14 +175,19 @@ def evaluate(
     normalize: Normalize,
     batch_size: int,
     limit_batches: int = 0,
+    flip: bool = False,
 ) -> EvalStats:
-    """Loss and accuracy over the whole split; each process takes a disjoint contiguous shard."""
+    """Loss and accuracy over the whole split; each process takes a disjoint contiguous shard.
+
+    ``flip`` also measures flip test-time augmentation (logits of the image and its mirror averaged) as
+    ``flip_accuracy``; ``loss`` and ``accuracy`` stay those of the plain model.
+    """
     device = accelerator.device
     broadcast_buffers(accelerator, model)
     network = accelerator.unwrap_model(model)  # no DDP hooks: shards may differ by one batch
     was_training = network.training
     network.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct, count
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, count, correct with flip
     synchronize(device)
     start = time.perf_counter()
     batches = eval_batches(images, labels, batch_size, normalize, accelerator.process_index,
@@ -193,6 +199,9 @@ def evaluate(
         sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
         sums[1] += (logits.argmax(1) == targets).sum().double()
         sums[2] += len(targets)
+        if flip:
+            averaged = logits + network(inputs.flip(3)).float()
+            sums[3] += (averaged.argmax(1) == targets).sum().double()
     totals = accelerator.reduce(sums, "sum")
     synchronize(device)
     network.train(was_training)
@@ -202,5 +211,6 @@ def evaluate(
         accuracy=100.0 * totals[1].item() / max(1, count),
         images=count,
         time_s=time.perf_counter() - start,
+        flip_accuracy=100.0 * totals[3].item() / max(1, count) if flip else None,
     )
 

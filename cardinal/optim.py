@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -36,33 +36,52 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Multiplier of the peak LR at applied step ``step`` (0-based): linear warm-up, then the decay."""
+    """Multiplier of the peak LR at applied step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_steps``, the peak held until the last ``decay_steps`` steps, then the decay
+    (cosine or linear) towards ``floor``. ``decay_steps=None`` decays over every step after the warm-up.
+    """
 
     kind: str  # constant | cosine | onecycle (linear decay)
     total_steps: int
     warmup_steps: int
     floor: float  # final LR / peak LR
+    decay_steps: Optional[int] = None
+    warmup_from_length: bool = False  # the warm-up is a fraction of total_steps
 
     @property
     def depends_on_length(self) -> bool:
         """Whether changing the run's length would change the LR of steps already taken."""
-        return self.kind != "constant"
+        return self.kind != "constant" or self.warmup_from_length
+
+    @property
+    def decay_start(self) -> int:
+        after_warmup = self.total_steps - self.warmup_steps
+        decay = after_warmup if self.decay_steps is None else min(self.decay_steps, after_warmup)
+        return self.total_steps - decay
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        if self.kind == "constant":
+        if self.kind == "constant" or step < self.decay_start:
             return 1.0
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        progress = min(1.0, (step - self.decay_start) / max(1, self.total_steps - self.decay_start))
         if self.kind == "cosine":
             return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return self.floor + (1 - self.floor) * (1 - progress)
 
 
 def build_schedule(recipe: Recipe, steps_per_epoch: int) -> Schedule:
+    """Warm-up and decay in steps: from fractions of the run's steps, or the warm-up from epochs."""
     total = max(1, recipe.epochs * steps_per_epoch)
-    warmup = min(total, int(round(recipe.warmup_epochs * steps_per_epoch)))
-    return Schedule(recipe.schedule, total, warmup, recipe.final_lr_fraction)
+    if recipe.warmup_fraction > 0:
+        warmup = max(1, int(round(recipe.warmup_fraction * total)))
+    else:
+        warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+    warmup = min(total, warmup)
+    decay = None if recipe.decay_fraction >= 1 else int(round(recipe.decay_fraction * total))
+    return Schedule(recipe.schedule, total, warmup, recipe.final_lr_fraction, decay,
+                    warmup_from_length=recipe.warmup_fraction > 0)
 
 
 class ScheduledLR:
@@ -81,3 +100,8 @@ class ScheduledLR:
     def advance(self, applied: bool = True) -> None:
         if applied:
             self.step += 1
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int) -> ScheduledLR:
+    """A fresh run's LR driver: the recipe's schedule at its peak LR, from step 0."""
+    return ScheduledLR(optimizer, build_schedule(recipe, steps_per_epoch), recipe.effective_lr())

@@ -32,16 +32,22 @@ RUN_COLUMNS = (
     "precision", "channels_last", "compiled", "device", "torch_version", "accelerate_version",
     "cardinal_version", "seed", "command",
 )
-COLUMNS = EPOCH_COLUMNS + RUN_COLUMNS
+COLUMNS = EPOCH_COLUMNS + RUN_COLUMNS  # what every run writes
+# Written only when asked for: a validation split (--val-images), flip test-time augmentation (--eval-flip).
+# Other evaluation modes never replace test_acc; they get columns of their own.
+VALIDATION_COLUMNS = ("val_loss", "val_acc", "val_images")
+FLIP_COLUMNS = ("test_acc_tta", "val_acc_tta")
+ORDER = EPOCH_COLUMNS[:EPOCH_COLUMNS.index("lr")] + VALIDATION_COLUMNS[:2] + FLIP_COLUMNS + \
+    EPOCH_COLUMNS[EPOCH_COLUMNS.index("lr"):] + VALIDATION_COLUMNS[2:] + RUN_COLUMNS
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "it_per_s", "img_per_s",
                   "train_tflop_per_s", "peak_mem_mb")
 
 
 def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_image: float,
-              peak_mem_mb: float) -> Dict[str, Any]:
-    """Metrics of one finished epoch from engine.TrainStats / EvalStats."""
+              peak_mem_mb: float, val=None) -> Dict[str, Any]:
+    """Metrics of one finished epoch from engine.TrainStats / EvalStats (``val``: the validation split's)."""
     seconds = max(train.time_s, 1e-9)
-    return {
+    row = {
         "epoch": epoch,
         "train_loss": train.loss,
         "train_objective": train.objective,
@@ -61,6 +67,13 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
         "train_images": train.images,
         "test_images": test.images,
     }
+    if val is not None:
+        row.update(val_loss=val.loss, val_acc=val.accuracy, val_images=val.images)
+    if test.flip_accuracy is not None:
+        row["test_acc_tta"] = test.flip_accuracy
+    if val is not None and val.flip_accuracy is not None:
+        row["val_acc_tta"] = val.flip_accuracy
+    return row
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -105,7 +118,7 @@ class RunRecords:
 
     def frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.rows)
-        ordered = [c for c in COLUMNS if c in frame.columns]
+        ordered = [c for c in ORDER if c in frame.columns]
         return frame[ordered + [c for c in frame.columns if c not in ordered]]
 
 
@@ -129,8 +142,16 @@ EPOCH_VIEW = (
 )
 
 
+def epoch_view(row: Dict[str, Any]) -> tuple:
+    """The columns shown for a row: with a validation split, Val acc takes Train acc's place (same width)."""
+    if "val_acc" not in row:
+        return EPOCH_VIEW
+    return tuple(("Val acc", "val_acc", *column[2:]) if column[1] == "train_acc" else column
+                 for column in EPOCH_VIEW)
+
+
 def epoch_cells(row: Dict[str, Any]) -> List[str]:
-    return [format_(row.get(key), digits) for _, key, format_, digits, _ in EPOCH_VIEW]
+    return [format_(row.get(key), digits) for _, key, format_, digits, _ in epoch_view(row)]
 
 
 class ConsoleReport:
@@ -180,7 +201,7 @@ class ConsoleReport:
         cells = epoch_cells(row)
         table = Table(show_header=not self._header_printed, box=None, pad_edge=False, show_edge=False,
                       padding=(0, 0, 0, 1))  # one space between columns, none at the edges
-        for (title, _, _, _, width), cell in zip(EPOCH_VIEW, cells):
+        for (title, _, _, _, width), cell in zip(epoch_view(row), cells):
             table.add_column(title, justify="right", width=max(width, len(cell)))
         table.add_row(*cells)
         self.console.print(table)
@@ -195,10 +216,18 @@ class ConsoleReport:
         table = Table(title=f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)", show_header=False)
         table.add_column("")
         table.add_column("", justify="right")
+        extra = []
+        if "val_acc" in frame and frame["val_acc"].notna().any():
+            best_val = frame.loc[frame["val_acc"].idxmax()]
+            extra += [("Final val acc %", _fmt(last["val_acc"], 2)),
+                      ("Best val acc %", f"{best_val['val_acc']:.2f} (epoch {int(best_val['epoch'])})")]
+        if "test_acc_tta" in frame and frame["test_acc_tta"].notna().any():
+            extra.append(("Final test acc % (flip TTA)", _fmt(last["test_acc_tta"], 2)))
         for label, value in (
             ("Parameters", f"{int(first['params']):,}"),
             ("GFLOPs / image", f"{first['gflops']:.2f}"),
             ("Epochs", f"{int(last['epoch'])}"),
+            *extra,
             ("Final test acc %", _fmt(last["test_acc"], 2)),
             ("Best test acc %", f"{best['test_acc']:.2f} (epoch {int(best['epoch'])})"),
             ("img/s (median, epochs 2+)", _fmt(steady_state(frame, "img_per_s"), 1)),

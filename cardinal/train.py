@@ -30,7 +30,7 @@ from cardinal.cli import (ArgumentParser, CardinalError, finite_float, non_negat
                           positive_int, run, seed_int)
 from cardinal.config import AUGMENTATIONS, RECIPE_FIELDS, RECIPES, SCHEDULES, TrainConfig, resolve_recipe
 from cardinal.cost import ModelCost, model_cost
-from cardinal.data import (DATASET_CHOICES, DeviceLoader, Normalize, load_cifar, num_classes_of,
+from cardinal.data import (DATASET_CHOICES, DeviceLoader, Normalize, hold_out, load_cifar, num_classes_of,
                            synthetic_split)
 from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_memory, train_epoch
 from cardinal.fileio import write_text_atomic
@@ -53,6 +53,17 @@ def _recipe_help(knob: str, text: str) -> str:
 
 def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def count_or_fraction(text: str) -> float:
+    """--val-images: a whole number of images, or a fraction of the training split below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"must be a count (0, 1, 2, ...) or a fraction below 1, got {text}")
+    return value if 0 < value < 1 else int(value)
 
 
 def run_name_arg(text: str) -> str:
@@ -97,7 +108,14 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
          help="exempt norm weights and biases from weight decay (fast recipe: yes)")
     knob("--label-smoothing", type=finite_float, help=_recipe_help("label_smoothing", "label smoothing"))
     knob("--schedule", choices=SCHEDULES, help=_recipe_help("schedule", "LR schedule after the warm-up"))
-    knob("--warmup-epochs", type=finite_float, help=_recipe_help("warmup_epochs", "linear warm-up length"))
+    knob("--warmup-epochs", type=finite_float,
+         help=_recipe_help("warmup_epochs", "linear warm-up length in epochs (when --warmup-fraction is 0)"))
+    knob("--warmup-fraction", type=finite_float,
+         help=_recipe_help("warmup_fraction", "linear warm-up length as a fraction of the run's steps "
+                                              "(0: use --warmup-epochs; giving one zeroes the other)"))
+    knob("--decay-fraction", type=finite_float,
+         help=_recipe_help("decay_fraction", "the LR decays over this final fraction of the run's steps and "
+                                             "holds its peak before (1: decay right after the warm-up)"))
     knob("--final-lr-fraction", type=finite_float, help=_recipe_help("final_lr_fraction", "LR at the end / peak LR"))
     knob("--augment", choices=AUGMENTATIONS, help=_recipe_help("augment", "training augmentation"))
     knob("--crop-padding", type=non_negative_int, help=_recipe_help("crop_padding", "random-crop padding in pixels"))
@@ -106,6 +124,13 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
          help=_recipe_help("zero_init_residual", "zero the last BN of each block"))
     knob("--grad-clip", type=finite_float, help=_recipe_help("grad_clip", "max gradient norm (0: off)"))
+    knob("--val-images", type=count_or_fraction, metavar="N",
+         help=_recipe_help("val_images", "training images held out as a validation split, evaluated every "
+                                         "epoch (val_loss, val_acc): a count, or a fraction below 1 (0: none); "
+                                         "tune on it, never on the test split"))
+    knob("--eval-flip", action=argparse.BooleanOptionalAction,
+         help=_recipe_help("eval_flip", "also evaluate with flip test-time augmentation, in columns of its own "
+                                        "(test_acc_tta, val_acc_tta); test_acc stays the plain model's"))
 
     how = parser.add_argument_group("how to run")
     how.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
@@ -182,10 +207,11 @@ def check_epochs_change(run_dir: Path, saved: TrainConfig, epochs: int) -> None:
     """A run may only be lengthened where the LR schedule does not depend on the run's length."""
     if epochs == saved.recipe.epochs:
         return
-    length_free = saved.recipe.schedule == "constant"
+    length_free = saved.recipe.length_free
     if epochs > saved.recipe.epochs and length_free:
         return
-    reason = (f"its {saved.recipe.schedule} LR schedule spans {saved.recipe.epochs} epochs, and changing that "
+    shape = saved.recipe.schedule + (" (warm-up a fraction of the run)" if saved.recipe.warmup_fraction else "")
+    reason = (f"its {shape} LR schedule spans {saved.recipe.epochs} epochs, and changing that "
               "would splice two schedules" if not length_free else "a run cannot be shortened")
     raise CardinalError(f"cannot resume {run_dir} with --epochs {epochs}: {reason}; resume without --epochs "
                         "(use --stop-after N to end an invocation early) or start a new run")
@@ -268,15 +294,21 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} ({threads} {plural})"
 
 
-def load_splits(config: TrainConfig, accelerator) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+Split = Tuple[torch.Tensor, torch.Tensor]
+
+
+def load_splits(config: TrainConfig, accelerator) -> Tuple[Split, Optional[Split], Split]:
+    """(training, validation or None, test): the validation split is held out of the full training split."""
     if config.dataset == "synthetic":
-        return (synthetic_split(config.synthetic_train, config.synthetic_classes, config.seed, train=True),
-                synthetic_split(config.synthetic_test, config.synthetic_classes, config.seed, train=False))
-    with accelerator.local_main_process_first():  # one process per machine downloads
-        train = load_cifar(config.dataset, config.data_dir, train=True,
-                           download_missing=config.download and accelerator.is_local_main_process)
-    test = load_cifar(config.dataset, config.data_dir, train=False)
-    return train, test
+        full = synthetic_split(config.synthetic_train, config.synthetic_classes, config.seed, train=True)
+        test = synthetic_split(config.synthetic_test, config.synthetic_classes, config.seed, train=False)
+    else:
+        with accelerator.local_main_process_first():  # one process per machine downloads
+            full = load_cifar(config.dataset, config.data_dir, train=True,
+                              download_missing=config.download and accelerator.is_local_main_process)
+        test = load_cifar(config.dataset, config.data_dir, train=False)
+    train, val = hold_out(*full, config.recipe.val_images, config.seed)
+    return train, val, test
 
 
 def make_accelerator(config: TrainConfig, run_dir: Path, trackers: Sequence[str]):
@@ -337,7 +369,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     loader: DeviceLoader
     normalize: Normalize
-    test: Tuple[torch.Tensor, torch.Tensor]
+    test: Split
+    val: Optional[Split]  # held out of the training images (--val-images), or None
     cost: ModelCost
     schedule: Schedule
     trackers: Tuple[str, ...]
@@ -346,9 +379,10 @@ class Session:
     def main_process(self) -> bool:
         return self.accelerator.is_main_process
 
-    def evaluate(self):
-        return evaluate(self.accelerator, self.model, *self.test, self.normalize, self.config.eval_batch_size,
-                        self.config.limit_eval_batches)
+    def evaluate(self, split: Optional[Split] = None):
+        """The test split, or ``split``; every image counted once over the processes."""
+        return evaluate(self.accelerator, self.model, *(split or self.test), self.normalize,
+                        self.config.eval_batch_size, self.config.limit_eval_batches, flip=self.config.recipe.eval_flip)
 
 
 def set_up(config: TrainConfig, run_dir: Path) -> Session:
@@ -368,7 +402,7 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         raise CardinalError(f"--batch-size {recipe.batch_size} is smaller than processes x --grad-accum "
                             f"({world} x {config.grad_accum})")
     set_seed(config.seed)
-    (train_images, train_labels), test = load_splits(config, accelerator)
+    (train_images, train_labels), val, test = load_splits(config, accelerator)
     num_classes = num_classes_of(config.dataset, config.synthetic_classes)
 
     model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual)
@@ -392,8 +426,9 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         raise CardinalError(f"{len(train_labels)} training images make no step of --batch-size {recipe.batch_size} "
                             f"over {world} process(es)")
     report = ConsoleReport(enabled=accelerator.is_main_process, progress=config.progress)
-    return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize,
-                   (test[0].to(device), test[1].to(device)), cost, build_schedule(recipe, len(loader)), trackers)
+    on_device = lambda split: (split[0].to(device), split[1].to(device)) if split is not None else None  # noqa: E731
+    return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize, on_device(test),
+                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers)
 
 
 def restore(session: Session, resuming: bool) -> Progress:
@@ -458,14 +493,16 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
     except NonFiniteLoss:
         session.report.end_epoch({})
         raise diverged(epoch, "the training loss", session, progress) from None
+    validated = session.evaluate(session.val) if session.val is not None else None
     tested = session.evaluate()
-    if not math.isfinite(tested.loss):
-        session.report.end_epoch({})
-        raise diverged(epoch, "the test loss", session, progress)
+    for what, result in (("the validation loss", validated), ("the test loss", tested)):
+        if result is not None and not math.isfinite(result.loss):
+            session.report.end_epoch({})
+            raise diverged(epoch, what, session, progress)
     progress.epoch, progress.global_step = epoch, progress.global_step + trained.steps
     progress.schedule_step = lr_schedule.step
     return epoch_row(epoch, trained, tested, time.perf_counter() - started, session.cost.train_flops,
-                     peak_memory_mb(device))
+                     peak_memory_mb(device), validated)
 
 
 def run_epochs(session: Session, progress: Progress, rule: StopRule, records: RunRecords) -> None:
@@ -489,6 +526,8 @@ def evaluate_only(session: Session) -> None:
     result = session.evaluate()
     summary = {"test_loss": result.loss, "test_acc": result.accuracy, "test_images": result.images,
                "world_size": session.accelerator.num_processes}
+    if result.flip_accuracy is not None:
+        summary["test_acc_tta"] = result.flip_accuracy
     if session.main_process:
         write_text_atomic(session.run_dir / "eval.json", json.dumps(summary, indent=2))
     session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
@@ -528,7 +567,9 @@ def header(session: Session, info: Dict[str, Any]) -> str:
     return (f"{config.arch}: {cost.params:,} parameters, {cost.gflops:.2f} GFLOPs/image; "
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}"
             f"{', compiled' if info['compiled'] else ''}; {len(session.loader)} steps/epoch of "
-            f"{config.recipe.batch_size}; records in {session.run_dir / CSV_NAME}")
+            f"{config.recipe.batch_size}"
+            + (f"; {len(session.val[1])} training images held out for validation" if session.val else "")
+            + f"; records in {session.run_dir / CSV_NAME}")
 
 
 def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: bool = False,
