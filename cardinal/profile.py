@@ -560,6 +560,11 @@ def takeaways(profiles: Sequence[ArchProfile]) -> list[str]:
             would = grouped.gflop / dense.tflop_per_s
             lines.append(f"At {base.arch}'s dense-conv rate ({_num(dense.tflop_per_s)} TFLOP/s) {other.arch}'s "
                          f"grouped convs would take {_num(would)} ms per step instead of {_num(grouped.time_ms)} ms.")
+    above = sorted({f"{p.arch} {r.op_class}" for p in profiles for r in p.classes.itertuples()
+                    if r.gflop > 0 and r.peak_fraction > 1})
+    if above:
+        lines.append(f"Above the matmul peak: {', '.join(above)}. The square matmul is not this device's fastest "
+                     "path in this precision, so read % of peak as a comparison between classes, not as headroom.")
     return lines
 
 

@@ -120,6 +120,14 @@ def test_csv_contract(profiled, tmp_path):
         assert timed["tflop_per_s"].to_list() == pytest.approx((timed["gflop"] / timed["time_ms"]).to_list())
 
 
+def test_classes_above_the_matmul_peak_are_called_out(profiled):
+    assert not any("Above the matmul peak" in line for line in profile.takeaways(list(profiled.values())))
+    slow = dataclasses.replace(profiled["tiny_resnext"], classes=profiled["tiny_resnext"].classes.copy())
+    slow.rate_against(profile.Peak(tflop_per_s=1e-9, size=256, dtype="float32"))
+    lines = profile.takeaways([slow])
+    assert any("Above the matmul peak" in line and "tiny_resnext conv_grouped" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys):
     output, image, traces = tmp_path / "profile.csv", tmp_path / "profile.png", tmp_path / "traces"
