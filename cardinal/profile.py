@@ -547,7 +547,7 @@ def takeaways(profiles: Sequence[ArchProfile]) -> list[str]:
     base = profiles[0]
     for other in profiles[1:]:
         lines.append(f"{other.arch} trains at {other.img_per_s / base.img_per_s:.2f}x the img/s of {base.arch} "
-                     f"({other.img_per_s:.1f} vs {base.img_per_s:.1f} img/s without the profiler) for "
+                     f"({_num(other.img_per_s)} vs {_num(base.img_per_s)} img/s without the profiler) for "
                      f"{other.train_gflop / base.train_gflop:.2f}x its FLOPs.")
         gap = other.step_ms_profiled - base.step_ms_profiled
         deltas = {c: other.row(c).time_ms - base.row(c).time_ms for c in OP_CLASSES if c in set(base.classes.op_class)}
@@ -728,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for arch in dict.fromkeys(args.archs):
         result = profile_arch(arch, args.batch_size, args.precision, args.channels_last, args.steps, args.warmup,
                               device, peak, args.trace)
-        console.print(f"  {arch}: {_num(result.step_ms_unprofiled)} ms per step, {result.img_per_s:.1f} img/s",
+        console.print(f"  {arch}: {_num(result.step_ms_unprofiled)} ms per step, {_num(result.img_per_s)} img/s",
                       highlight=False)
         profiles.append(result)
         peak = max(peak, measure_peak(device, args.precision), key=lambda p: p.tflop_per_s)
