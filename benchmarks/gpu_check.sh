@@ -207,7 +207,7 @@ check_export() {
     rm -rf "$OUT/export"
     run_check export 120 "$PYTHON" -m cardinal.export --arch "$ARCH" --weights "$WEIGHTS" \
         --output-dir "$OUT/export" || return
-    finish_check export - "$(cd "$OUT/export" 2>/dev/null && printf '%s ' *)"
+    finish_check export - "$(cd "$OUT/export" 2>/dev/null && echo *)"
 }
 
 # The exported files, loaded without cardinal, run on the check's device and agree with the weights.
