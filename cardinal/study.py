@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence
 
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.config import Recipe, TrainConfig
 from cardinal.models import list_archs
 from cardinal.records import CONFIG_NAME
 
@@ -64,23 +65,23 @@ def launcher_command(launcher: Optional[str]) -> List[str]:
         raise CardinalError(f"cannot parse --launcher {launcher!r}: {error}") from None
 
 
-def planned_run(run_dir: Path) -> Optional[dict]:
-    """The saved config of an existing run folder, or None when there is none."""
+def planned_run(run_dir: Path) -> Optional[Recipe]:
+    """The recipe an existing run folder was started with, or None when there is none."""
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-        return {"epochs": int(config["recipe"]["epochs"]), "schedule": str(config["recipe"]["schedule"])}
+        return TrainConfig.from_dict(json.loads(path.read_text())).recipe
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise CardinalError(f"{path} is not a valid run config; move {run_dir} aside to train that run again") from None
 
 
-def check_length(run_dir: Path, planned: dict, epochs: int) -> None:
-    """A study of N epochs may reuse a run planned for N epochs, or extend a constant-schedule one."""
-    if planned["epochs"] == epochs or (planned["epochs"] < epochs and planned["schedule"] == "constant"):
+def check_length(run_dir: Path, planned: Recipe, epochs: int) -> None:
+    """A study of N epochs may reuse a run planned for N epochs, or lengthen one whose LR schedule does not
+    depend on its length (Recipe.length_free, the rule cardinal.train applies on resume)."""
+    if planned.epochs == epochs or (planned.epochs < epochs and planned.length_free):
         return
-    raise CardinalError(f"{run_dir} was planned for {planned['epochs']} epochs ({planned['schedule']} LR "
+    raise CardinalError(f"{run_dir} was planned for {planned.epochs} epochs ({planned.schedule} LR "
                         f"schedule), not {epochs}; its schedule would differ from a {epochs}-epoch run's, "
                         "so use another --output-dir for this study")
 
@@ -97,7 +98,7 @@ def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]
     planned = planned_run(run_dir)
     if planned is not None:
         check_length(run_dir, planned, args.epochs)
-        longer = ["--epochs", str(args.epochs)] if planned["epochs"] != args.epochs else []
+        longer = ["--epochs", str(args.epochs)] if planned.epochs != args.epochs else []
         return command + ["--resume", str(run_dir), *longer, *data, *extra]
     return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), "--epochs", str(args.epochs),
                       *data, "--output-dir", str(args.output_dir), "--run-name", name, *extra]

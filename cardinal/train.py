@@ -18,7 +18,7 @@ import platform
 import shlex
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
@@ -26,12 +26,27 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 import torch
 
 from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
-from cardinal.cli import (ArgumentParser, CardinalError, finite_float, non_negative_int, positive_float,
-                          positive_int, run, seed_int)
+from cardinal.cli import (
+    ArgumentParser,
+    CardinalError,
+    finite_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run,
+    seed_int,
+)
 from cardinal.config import AUGMENTATIONS, RECIPE_FIELDS, RECIPES, SCHEDULES, TrainConfig, resolve_recipe
 from cardinal.cost import ModelCost, model_cost
-from cardinal.data import (DATASET_CHOICES, DeviceLoader, Normalize, hold_out, load_cifar, num_classes_of,
-                           synthetic_split)
+from cardinal.data import (
+    DATASET_CHOICES,
+    DeviceLoader,
+    Normalize,
+    hold_out,
+    load_cifar,
+    num_classes_of,
+    synthetic_split,
+)
 from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_memory, train_epoch
 from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
@@ -257,8 +272,9 @@ def _training_normalization(weights: Path, recipe):
 
 @contextmanager
 def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
-    """Create (or check) the run folder; a start that fails before writing anything leaves no folder."""
-    created = not run_dir.exists()
+    """Create (or check) the run folder; a start that fails before writing anything leaves no folder
+    (nor the parents it created, such as a first ``runs/``)."""
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test.{os.getpid()}"  # one per process: ranks probe at the same time
@@ -272,11 +288,10 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
                                 "or --run-name to start another")
         yield run_dir
     except BaseException:
-        if created and os.environ.get("RANK", "0") == "0":
-            try:
-                run_dir.rmdir()  # only if still empty
-            except OSError:
-                pass
+        if os.environ.get("RANK", "0") == "0":
+            for folder in created:  # deepest first; rmdir removes only empty folders
+                with suppress(OSError):
+                    folder.rmdir()
         raise
 
 

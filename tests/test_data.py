@@ -16,16 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cifar_fixture import (
-    FOLDER,
-    NUM_CLASSES,
-    OFFICIAL_GLOBALS,
-    TEST_SIZE,
-    TRAIN_SIZE,
-    cifar10_batches,
-    python2_style_pickle,
-)
-from conftest import TINY, cli
 
 from cardinal import data
 from cardinal.cli import CardinalError
@@ -40,6 +30,17 @@ from cardinal.data import (
     read_batch,
     synthetic_split,
 )
+
+from cifar_fixture import (
+    FOLDER,
+    NUM_CLASSES,
+    OFFICIAL_GLOBALS,
+    TEST_SIZE,
+    TRAIN_SIZE,
+    cifar10_batches,
+    python2_style_pickle,
+)
+from conftest import TINY, cli
 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 

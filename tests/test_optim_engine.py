@@ -18,7 +18,8 @@ def test_norm_and_bias_are_exempt_from_decay_only_when_asked():
     model = build_model("tiny_resnet")
     decay, no_decay = parameter_groups(model, 5e-4, True)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert no_decay["weight_decay"] == 0 and len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert no_decay["weight_decay"] == 0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert len(parameter_groups(model, 5e-4, False)) == 1
 
 

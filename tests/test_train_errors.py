@@ -67,7 +67,7 @@ def test_missing_data_dir_leaves_no_run_folder(tmp_path, capsys):
     code, err = _run_cli([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--no-download", "--output-dir",
                           str(tmp_path / "out"), "--run-name", "r"], capsys)
     _one_line(code, err, "not found", "--no-download")
-    assert not (tmp_path / "out" / "r").exists()
+    assert not (tmp_path / "out").exists()  # neither the run folder nor the output folder it would have made
 
 
 def test_offline_download_is_one_line_naming_the_url(tmp_path, capsys, monkeypatch):
