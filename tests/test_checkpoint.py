@@ -19,6 +19,8 @@ from cardinal.records import TIMING_COLUMNS
 
 from conftest import SYNTHETIC, TINY
 
+pytestmark = pytest.mark.slow  # every test resumes real (tiny) runs
+
 ARGS = [*TINY, *SYNTHETIC, "--synthetic-train", "192", "--synthetic-test", "64", "--recipe", "fast",
         "--epochs", "3", "--no-export"]
 COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}

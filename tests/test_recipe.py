@@ -138,6 +138,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_validation_columns_count_every_image_once(runs):
     frame = pd.read_csv(runs / "straight" / "epochs.csv")
     assert frame["val_images"].eq(40).all() and frame["train_images"].eq(160).all()  # 0.2 of 200 held out
@@ -147,6 +148,7 @@ def test_validation_columns_count_every_image_once(runs):
     assert frame["val_acc"].between(0, 100).all() and frame["test_acc_tta"].between(0, 100).all()
 
 
+@pytest.mark.slow
 def test_every_new_knob_reaches_config_json(runs):
     recipe = json.loads((runs / "straight" / "config.json").read_text())["recipe"]
     assert recipe["val_images"] == 0.2 and recipe["eval_flip"] is True
@@ -155,6 +157,7 @@ def test_every_new_knob_reaches_config_json(runs):
     assert config.recipe.val_images == 0.2 and config.recipe.eval_flip
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_split_and_the_schedule(runs, tmp_path):
     import shutil
 
@@ -165,6 +168,7 @@ def test_resume_keeps_the_split_and_the_schedule(runs, tmp_path):
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_validation_split(runs, tmp_path, capsys):
     import shutil
 

@@ -98,6 +98,7 @@ def test_batch_with_wrong_structure_is_named(tmp_path, capsys, cifar_dir):
     _one_line(code, err, "data_batch_3", "labels outside")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
 def test_unwritable_output_dir_as_user(tmp_path, capsys):
     locked = tmp_path / "locked"
@@ -105,6 +106,7 @@ def test_unwritable_output_dir_as_user(tmp_path, capsys):
     _one_line(*_run_cli([*TINY, *SYNTHETIC, "--output-dir", str(locked)], capsys), "cannot write")
 
 
+@pytest.mark.slow
 def test_output_path_that_is_a_file(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -125,12 +127,14 @@ def finished_run(tmp_path, capsys):
     (["--dataset", "cifar10"], ["--dataset", "synthetic"]),
     (["--lr", "0.5"], ["--lr"]),
 ])
+@pytest.mark.slow
 def test_resume_mismatch_is_refused(finished_run, capsys, argv, fragments):
     before = (finished_run / "epochs.csv").read_bytes()
     _one_line(*_run_cli(["--resume", str(finished_run), *argv], capsys), "cannot resume", *fragments)
     assert (finished_run / "epochs.csv").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_starting_over_an_existing_run_is_refused(finished_run, capsys):
     argv = [*TINY, *SYNTHETIC, "--output-dir", str(finished_run.parent), "--run-name", finished_run.name]
     _one_line(*_run_cli(argv, capsys), "already holds a run", "--resume")
@@ -164,6 +168,7 @@ def _nan_evaluation(*args, **kwargs):
     ("train_epoch", _raise_non_finite, "training loss"),
     ("evaluate", _nan_evaluation, "test loss"),
 ])
+@pytest.mark.slow
 def test_non_finite_training_or_evaluation_stops_and_keeps_the_last_good_checkpoint(
         tmp_path, capsys, monkeypatch, name, make_result, what):
     _diverge_in_epoch_two(monkeypatch, name, make_result)
@@ -178,6 +183,7 @@ def _snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"\x80\x81garbage\xff" * 50, b"", b"a,b\n1,2\n", b"epoch,test_acc\nx,y\n"])
 def test_unreadable_records_on_resume_are_one_line_and_change_nothing(finished_run, capsys, content):
     (finished_run / "epochs.csv").write_bytes(content)
@@ -188,6 +194,7 @@ def test_unreadable_records_on_resume_are_one_line_and_change_nothing(finished_r
 
 @pytest.mark.parametrize("config", ['[]', '{"arch": "resnet51", "recipe": {}}', '{"recipe": {"lr": -1}}',
                                     'not json', '{"recipe": {"std": [0, 0, 0]}}'])
+@pytest.mark.slow
 def test_invalid_saved_config_is_one_line_and_changes_nothing(finished_run, capsys, config):
     (finished_run / "config.json").write_text(config)
     before = _snapshot(finished_run)
@@ -199,6 +206,7 @@ def _no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+@pytest.mark.slow
 def test_full_disk_during_checkpoint_save_keeps_the_previous_one(finished_run, capsys, monkeypatch):
     import cardinal.checkpoint
 
@@ -211,6 +219,7 @@ def test_full_disk_during_checkpoint_save_keeps_the_previous_one(finished_run, c
         {k: v for k, v in before.items() if k.name != "config.json"}
 
 
+@pytest.mark.slow
 def test_full_disk_during_config_write_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train_module, "write_text_atomic", _no_space)
     argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "r"]
@@ -218,6 +227,7 @@ def test_full_disk_during_config_write_is_one_line(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_full_disk_during_export_is_one_line_and_keeps_the_records(tmp_path, capsys, monkeypatch):
     import cardinal.export
 
@@ -240,6 +250,7 @@ def test_eval_only_uses_the_runs_own_normalization(tmp_path):
     assert train_module._training_normalization(tmp_path / "w.pt", RECIPES["seed"]) == RECIPES["seed"]
 
 
+@pytest.mark.slow
 def test_init_weights_of_another_arch_is_one_line(tmp_path, capsys):
     import torch
 
