@@ -59,6 +59,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_exported_files_load_without_cardinal_and_give_the_same_logits(exported):
     archs = list_archs()
     done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK, str(exported), *archs],
