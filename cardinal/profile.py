@@ -3,15 +3,16 @@
     python -m cardinal.profile --archs resnet50 resnext50_32x4d --precision bf16 --channels-last \\
         --output profile.csv --plot profile.png --trace traces/
 
-Each architecture trains on synthetic data for ``--warmup`` steps, then for ``--steps`` pairs of steps: one
-timed without the profiler, one under ``torch.profiler``; the fastest of each kind is reported (noise on a
-shared machine only slows a step). Every operator's self time (kernel time on a GPU) goes to one operation
-class. Forward operators take the class of the module they run in (forward hooks open
-a ``record_function`` range per leaf module); backward operators take the class of the forward module that
-created their autograd node, linked by the node's sequence number. The same scopes split the FLOPs counted by
-``torch.utils.flop_counter`` for a whole forward + backward pass, and a large matmul in the same precision,
-timed in the same process before and after each arch (the best counts), gives the peak that each class's
-achieved FLOP/s is read against.
+Each architecture trains on synthetic data for ``--warmup`` steps, then ``--steps`` rounds time one step
+without the profiler and one under ``torch.profiler`` for every arch in turn, so that a change in the
+machine's load hits all archs alike; the fastest of each kind is reported (noise on a shared machine only
+slows a step). Every operator's self time (kernel time on a GPU) goes to one operation class. Forward
+operators take the class of the module they run in (forward hooks open a ``record_function`` range per leaf
+module); backward operators take the class of the forward module that created their autograd node, linked
+by the node's sequence number. The same scopes split the FLOPs counted by ``torch.utils.flop_counter`` for a
+whole forward + backward pass, and a large matmul in the same precision, timed in the same process before
+the first round and after each (the best counts), gives the peak that each class's achieved FLOP/s is read
+against.
 """
 
 from __future__ import annotations
@@ -390,41 +391,70 @@ class ArchProfile:
     def img_per_s(self) -> float:
         return self.batch / (self.step_ms_unprofiled / 1e3)
 
-    def rate_against(self, peak: Peak) -> None:
-        self.classes["peak_fraction"] = self.classes["tflop_per_s"] / peak.tflop_per_s
-
     def row(self, op_class: str) -> pd.Series:
         return self.classes.set_index("op_class").loc[op_class]
 
 
-def profile_arch(arch: str, batch: int, precision: str, channels_last: bool, steps: int, warmup: int,
-                 device: torch.device, peak: Peak, trace: Path | None = None) -> ArchProfile:
-    torch.manual_seed(0)
-    model = build_model(arch)
-    forward_gflop = count_forward_flops(model) * batch / 1e9
-    flops = count_class_flops(model, batch)
-    step = TrainingStep(model, batch, precision, channels_last, device)
-    for _ in range(warmup):
-        step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    unprofiled_ms: list[float] = []
-    best: tuple[float, dict, dict] | None = None  # total, by class, by operator of the fastest profiled step
-    for _ in range(steps):  # alternate, so that a change in the machine's load hits both alike
-        unprofiled_ms.append(1e3 * step.timed())
-        with OpClassScopes(step.model) as scopes, profile(activities=activities) as profiler:
-            step()
+@dataclass
+class _Contender:
+    """One arch being profiled: its training step, its FLOPs, and the fastest steps seen so far."""
+
+    arch: str
+    step: TrainingStep
+    flops: dict[str, float]
+    forward_gflop: float
+    unprofiled_ms: list[float] = field(default_factory=list)
+    best: tuple[float, dict, dict] | None = None  # total µs, by class, by operator of the fastest profiled step
+
+    def measure_pair(self, device: torch.device, trace: Path | None) -> None:
+        self.unprofiled_ms.append(1e3 * self.step.timed())
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with OpClassScopes(self.step.model) as scopes, profile(activities=activities) as profiler:
+            self.step()
         classes, ops = attribute_step(profiler.events(), scopes, on_device=device.type != "cpu")
         total = sum(classes.values())
-        if best is None or total < best[0]:  # noise on a shared machine only slows a step: the fastest counts
-            best = (total, classes, ops)
+        if self.best is None or total < self.best[0]:  # noise on a shared machine only slows a step
+            self.best = (total, classes, ops)
             if trace is not None:
-                profiler.export_chrome_trace(str(trace / f"{arch}.pt.trace.json"))
-    _, by_class, by_op = best
-    ops_frame = pd.DataFrame(
-        [{"op_class": c, "name": n, "time_ms": t / 1e3, "calls": calls} for (c, n), (t, calls) in by_op.items()]
-    ).sort_values("time_ms", ascending=False, ignore_index=True)
-    return ArchProfile(arch, class_table(by_class, flops, peak, ops_frame, device), ops_frame,
-                       min(unprofiled_ms), forward_gflop, batch, unprofiled_ms)
+                profiler.export_chrome_trace(str(trace / f"{self.arch}.pt.trace.json"))
+
+    def result(self, peak: Peak, device: torch.device) -> ArchProfile:
+        _, by_class, by_op = self.best
+        ops = pd.DataFrame(
+            [{"op_class": c, "name": n, "time_ms": t / 1e3, "calls": calls} for (c, n), (t, calls) in by_op.items()]
+        ).sort_values("time_ms", ascending=False, ignore_index=True)
+        return ArchProfile(self.arch, class_table(by_class, self.flops, peak, ops, device), ops,
+                           min(self.unprofiled_ms), self.forward_gflop, self.step.inputs.shape[0],
+                           self.unprofiled_ms)
+
+
+def profile_archs(archs: Sequence[str], batch: int, precision: str, channels_last: bool, steps: int, warmup: int,
+                  device: torch.device, trace: Path | None = None, peak: Peak | None = None,
+                  on_round=None) -> tuple[list[ArchProfile], Peak]:
+    """Profile every arch in rounds: each round times one unprofiled and one profiled step of each arch, in
+    alternating order, then (unless ``peak`` is given) the peak matmul; the fastest of each counts.
+
+    Interleaving keeps archs comparable on a machine whose load changes from minute to minute.
+    """
+    contenders = []
+    for arch in archs:
+        torch.manual_seed(0)
+        model = build_model(arch)
+        contenders.append(_Contender(arch, TrainingStep(model, batch, precision, channels_last, device),
+                                     count_class_flops(model, batch), count_forward_flops(model) * batch / 1e9))
+    for contender in contenders:
+        for _ in range(warmup):
+            contender.step()
+    peaks = [peak] if peak is not None else [measure_peak(device, precision)]
+    for index in range(steps):
+        for contender in contenders if index % 2 == 0 else contenders[::-1]:
+            contender.measure_pair(device, trace)
+        if peak is None:
+            peaks.append(measure_peak(device, precision))
+        if on_round is not None:
+            on_round(index, contenders)
+    best_peak = max(peaks, key=lambda p: p.tflop_per_s)
+    return [contender.result(best_peak, device) for contender in contenders], best_peak
 
 
 def class_table(microseconds: dict[str, float], flops: dict[str, float], peak: Peak,
@@ -583,7 +613,7 @@ def report(console: Console, profiles: Sequence[ArchProfile], peak: Peak, headin
         for table in comparison_tables(profiles):
             console.print(table)
     console.print(f"Peak: {_num(peak.tflop_per_s)} TFLOP/s ({peak.dtype} {peak.size}x{peak.size} matmul, best of "
-                  "5 before and after each arch, this process)", highlight=False)
+                  "5 before the rounds and after each, this process)", highlight=False)
     console.print("Takeaways")
     _bullets(console, takeaways(profiles), "-")
 
@@ -660,8 +690,8 @@ def build_parser() -> ArgumentParser:
                         help="autocast precision of the step (and of the peak matmul)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--steps", type=positive_int, default=5,
-                        help="profiled steps, each paired with one step timed without the profiler; the fastest "
-                             "of each counts")
+                        help="rounds; each times one unprofiled and one profiled step of every arch, and the "
+                             "fastest of each counts")
     parser.add_argument("--warmup", type=non_negative_int, default=2, help="unmeasured steps first")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("profile.csv"), help="CSV file to write")
@@ -719,21 +749,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = "channels_last" if args.channels_last else "NCHW"
     heading = f"{label}, {args.precision if args.precision != 'no' else 'fp32'}, {layout}, batch {args.batch_size}"
     console = make_console()
-    console.print(f"profiling on {heading}: {args.warmup} warm-up steps, then {args.steps} profiled steps "
-                  "each beside one unprofiled step", highlight=False)
-    peak = measure_peak(device, args.precision)
-    console.print(f"peak: {_num(peak.tflop_per_s)} TFLOP/s ({peak.dtype} {peak.size}x{peak.size} matmul)",
-                  highlight=False)
-    profiles = []
-    for arch in dict.fromkeys(args.archs):
-        result = profile_arch(arch, args.batch_size, args.precision, args.channels_last, args.steps, args.warmup,
-                              device, peak, args.trace)
-        console.print(f"  {arch}: {_num(result.step_ms_unprofiled)} ms per step, {_num(result.img_per_s)} img/s "
-                      f"(fastest of {' / '.join(_num(ms) for ms in result.unprofiled_ms)} ms)", highlight=False)
-        profiles.append(result)
-        peak = max(peak, measure_peak(device, args.precision), key=lambda p: p.tflop_per_s)
-    for result in profiles:  # noise on a shared machine only slows a matmul: the best measurement counts
-        result.rate_against(peak)
+    console.print(f"profiling on {heading}: {args.warmup} warm-up steps, then {args.steps} rounds of one "
+                  "unprofiled and one profiled step per arch", highlight=False)
+    def on_round(index: int, contenders) -> None:
+        times = ", ".join(f"{c.arch} {_num(c.unprofiled_ms[-1])} ms" for c in contenders)
+        console.print(f"  round {index + 1}/{args.steps}: unprofiled {times}", highlight=False)
+
+    profiles, peak = profile_archs(list(dict.fromkeys(args.archs)), args.batch_size, args.precision,
+                                   args.channels_last, args.steps, args.warmup, device, args.trace, on_round=on_round)
     frame = csv_frame(profiles, peak, args.precision, args.channels_last, args.steps, label)
     try:
         write_csv(frame, args.output)
