@@ -136,7 +136,8 @@ def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state:
             write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(state, indent=2))
             recover(run_dir)
     except (OSError, RuntimeError) as error:
-        shutil.rmtree(folders["staging"], ignore_errors=True) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            shutil.rmtree(folders["staging"], ignore_errors=True)
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
         kept = checkpoint_dir(run_dir)
         raise CardinalError(f"cannot save a checkpoint in {run_dir}: {reason}; "

@@ -50,6 +50,7 @@ from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
 from cardinal.optim import build_optimizer
+from cardinal.plotting import pyplot, save_figure
 from cardinal.records import write_csv
 
 CONV_GROUPED, CONV_DENSE, CONV_1X1 = "conv_grouped", "conv_dense", "conv_1x1"
@@ -627,20 +628,9 @@ def _bullets(console: Console, lines: Sequence[str], mark: str) -> None:
         console.print(text, highlight=False, soft_wrap=True)
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
-    return plt
-
-
 def plot(profiles: Sequence[ArchProfile], path: Path, heading: str) -> None:
     """Stacked bars of ms per step by class, beside each class's % of peak."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (stacked, peaks) = plt.subplots(1, 2, figsize=(13, 4.8))
     archs = [p.arch for p in profiles]
     bottoms = [0.0] * len(profiles)
@@ -663,13 +653,7 @@ def plot(profiles: Sequence[ArchProfile], path: Path, heading: str) -> None:
     peaks.legend(fontsize=8)
     figure.suptitle(heading, fontsize=10)
     figure.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png", dpi=110)
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 # --- command line ------------------------------------------------------------------------------------------------
@@ -739,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = _device(args.device)
     _check_file(args.output, "--output")
     if args.plot is not None:
-        _pyplot()
+        pyplot()  # a missing matplotlib is reported before minutes of measuring
         _check_file(args.plot, "--plot")
     if args.trace is not None:
         _check_folder(args.trace, "--trace")

@@ -33,6 +33,7 @@ from rich.table import Table
 from cardinal import stats
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.fileio import write_text_atomic
+from cardinal.plotting import pyplot, save_figure
 from cardinal.records import CONFIG_NAME, CSV_NAME, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
@@ -774,14 +775,9 @@ def _draw_speed(axis, models: pd.DataFrame, colors) -> None:
 
 def plot(summary: Summary, path: Path) -> None:
     """Test accuracy by epoch and by cumulative training time (mean, ±std over seeds), and speed bars."""
-    try:
-        import matplotlib
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise CardinalError("--plot needs matplotlib: pip install 'cardinal[plot]'") from None
     curves = [accuracy_curve(g) for g in summary.groups]
     scale, unit = _time_unit(max(float(c["time"].max()) for c in curves))
     figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2),
@@ -808,13 +804,7 @@ def plot(summary: Summary, path: Path) -> None:
     handles, labels = by_epoch.get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
     figure.tight_layout(rect=(0, 0.05 + 0.05 * math.ceil(len(labels) / 3), 1, 1))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png", dpi=110)
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        plt.close(figure)
+    save_figure(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
