@@ -8,7 +8,9 @@ A group is every run of one arch under identical conditions: dataset, resolved r
 from the run's config.json), precision, memory format, compilation, global batch, world size, device and
 data size. Runs of a group that differ only in seed are replicates and are aggregated (mean, std, 95%
 interval); a re-run of a seed counts once. Models are compared only within one set of conditions, each
-accuracy gap with its 95% interval and a verdict. Speed is the median over epochs 2..N of each run.
+accuracy gap with its 95% interval and a verdict. Recipes are compared the same way, one arch at a time:
+two groups of one arch whose conditions differ only in the recipe (its name, knobs and batch). Speed is
+the median over epochs 2..N of each run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ CSV_CONDITIONS = ("precision", "channels_last", "compiled", "global_batch", "wor
 SETUP_KNOBS = ("grad_accum", "sync_bn", "init_weights", "limit_batches")  # change what an epoch computes
 KNOB = "recipe."  # prefix of resolved recipe knobs among the conditions
 SHOWN_AS_BATCH = KNOB + "batch_size"  # the CSV's global_batch names it
+RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch")  # with every KNOB: what a recipe decides
+BASELINE_RECIPE = "seed"  # the reference study's recipe: the baseline of every recipe gap it is part of
 SPEED_NAME = "median img/s, epochs 2+"
 
 Conditions = tuple[tuple[str, Any], ...]
@@ -303,7 +307,12 @@ def group_labels(groups: list[Group]) -> list[str]:
         for name, value in group.conditions:
             if name in ("recipe", "recipe_resolved", SHOWN_AS_BATCH):
                 continue
-            peers = family if name.startswith(KNOB) else resolved if name in SETUP_KNOBS else groups
+            if name.startswith(KNOB):
+                peers = family
+            elif name == "global_batch":  # the recipe's name says it, unless one recipe ran at two batches
+                peers = [g for g in groups if g.recipe_name == group.recipe_name]
+            else:
+                peers = resolved if name in SETUP_KNOBS else groups
             if _varies(name, peers):
                 parts.append(label_part(name, value))
         labels.append(f"{group.arch} ({', '.join(parts)})")
@@ -418,11 +427,40 @@ def _pairs(groups: list[Group]) -> Iterable[tuple[Group, Group]]:
             yield model, baseline
 
 
+def setup_conditions(group: Group) -> Conditions:
+    """A group's conditions less those its recipe decides: what two recipes must share to be compared."""
+    return tuple((k, v) for k, v in group.conditions if k not in RECIPE_CONDITIONS and not k.startswith(KNOB))
+
+
+def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(model, baseline): groups of one arch and one setup that differ in the recipe only. The reference
+    recipe is the baseline when it is one of the two, else the group that appears first."""
+    by_setup: dict[tuple[str, Conditions], list[Group]] = {}
+    for group in groups:
+        by_setup.setdefault((group.arch, setup_conditions(group)), []).append(group)
+    pairs = []
+    for members in by_setup.values():
+        for first, second in itertools.combinations(members, 2):
+            swap = second.recipe_name == BASELINE_RECIPE and first.recipe_name != BASELINE_RECIPE
+            pairs.append((first, second) if swap else (second, first))
+    return pairs
+
+
 def accuracy_gaps(groups: list[Group], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
-    """Per comparable pair and reported epoch: model - baseline in points, its 95% interval and verdict
-    (paired by seed when both ran the same seeds, Welch otherwise)."""
+    """Per comparable pair of models and reported epoch: see ``gap_table``."""
+    return gap_table(list(_pairs(groups)), results, metric)
+
+
+def recipe_gaps(groups: list[Group], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Per pair of recipes on one arch and setup, and reported epoch: see ``gap_table``."""
+    return gap_table(recipe_pairs(groups), results, metric)
+
+
+def gap_table(pairs: list[tuple[Group, Group]], results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (model, baseline) pair and reported epoch: model - baseline in points, its 95% interval and
+    verdict (paired by seed when both ran the same seeds, Welch otherwise)."""
     rows = []
-    for model, baseline in _pairs(groups if not results.empty else []):
+    for model, baseline in pairs if not results.empty else []:
         shared = set(results.loc[results["model"] == model.label, "epoch"]) & set(
             results.loc[results["model"] == baseline.label, "epoch"])
         for epoch in sorted(shared):
@@ -502,9 +540,13 @@ def gap_line(r: Any) -> str:
 def not_compared_lines(groups: list[Group]) -> list[str]:
     """One line per pair of condition sets: who is not compared with whom, and what differs."""
     lines = []
+    pairs = recipe_pairs(groups)
     for first, second in itertools.combinations(comparable_sets(groups), 2):
         what = "; ".join(differences(second[0], first[0]))
-        lines.append(f"Not compared: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
+        recipes_only = any({model.label, baseline.label} <= {g.label for g in first + second}
+                           for model, baseline in pairs)
+        lead = "Compared only arch by arch, as recipe gaps" if recipes_only else "Not compared"
+        lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
                      f"({what}).")
     return lines
 
@@ -518,13 +560,19 @@ def best_epoch_lines(models: pd.DataFrame) -> list[str]:
     return lines
 
 
-def takeaways(groups: list[Group], models: pd.DataFrame, gaps: pd.DataFrame, ratios: pd.DataFrame) -> list[str]:
-    """Statements computed from the data: speed ratios, the gap at the last shared epoch, best epochs,
-    and which models could not be compared."""
-    lines = speed_lines(ratios)
-    if not gaps.empty:
-        last = gaps.loc[gaps.groupby(["model", "baseline"], sort=False)["epoch"].idxmax()]
-        lines += [gap_line(r) for r in last.itertuples()]
+def last_gap_lines(gaps: pd.DataFrame) -> list[str]:
+    """Each pair's gap at the last epoch both reached."""
+    if gaps.empty:
+        return []
+    last = gaps.loc[gaps.groupby(["model", "baseline"], sort=False)["epoch"].idxmax()]
+    return [gap_line(r) for r in last.itertuples()]
+
+
+def takeaways(groups: list[Group], models: pd.DataFrame, gaps: pd.DataFrame, ratios: pd.DataFrame,
+              recipes: pd.DataFrame) -> list[str]:
+    """Statements computed from the data: speed ratios, the model and recipe gaps at the last shared
+    epoch, which models could not be compared, and best epochs."""
+    lines = speed_lines(ratios) + last_gap_lines(gaps) + last_gap_lines(recipes)
     lines += not_compared_lines(groups)
     return lines + best_epoch_lines(models)
 
@@ -566,6 +614,7 @@ class Summary:
     models: pd.DataFrame
     gaps: pd.DataFrame
     speeds: pd.DataFrame
+    recipe_gaps: pd.DataFrame
     takeaways: list[str]
     notes: list[str]
 
@@ -580,7 +629,8 @@ def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None) -> Sum
     models = models_table(groups)
     gaps = accuracy_gaps(groups, results)
     speeds = speed_ratios(groups)
-    return Summary(groups, results, models, gaps, speeds, takeaways(groups, models, gaps, speeds),
+    recipes = recipe_gaps(groups, results)
+    return Summary(groups, results, models, gaps, speeds, recipes, takeaways(groups, models, gaps, speeds, recipes),
                    notes(groups, models))
 
 
@@ -645,17 +695,20 @@ def speed_view(models: pd.DataFrame) -> View:
     return View("Speed", headers, rows)
 
 
-def gap_view(gaps: pd.DataFrame) -> View:
+def gap_view(gaps: pd.DataFrame, title: str) -> View | None:
+    if gaps.empty:
+        return None
     headers = ["Model - baseline", "Epoch", "Gap (points)", "95% interval", "Seeds", "Verdict"]
     rows = [[f"{g['model']} - {g['baseline']}", str(g["epoch"]), _signed(g["gap"]),
              _interval_text(g["low"], g["high"]), _seeds_text(g["method"], g["n_model"], g["n_baseline"]),
              g["verdict"]] for _, g in gaps.iterrows()]
-    return View("Test accuracy gaps (like with like)", headers, rows, ("Model - baseline", "Seeds", "Verdict"))
+    return View(title, headers, rows, ("Model - baseline", "Seeds", "Verdict"))
 
 
 def views(summary: Summary) -> list[View]:
     shown = [result_view(summary.results), other_accuracy_view(summary.results), model_view(summary.models),
-             speed_view(summary.models), gap_view(summary.gaps) if not summary.gaps.empty else None]
+             speed_view(summary.models), gap_view(summary.gaps, "Test accuracy gaps (like with like)"),
+             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy (same arch and setup)")]
     return [view for view in shown if view is not None]
 
 

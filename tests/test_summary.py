@@ -291,6 +291,47 @@ def test_like_with_like_never_crosses_datasets(tmp_path):
                for line in result.takeaways)
 
 
+# -------------------------------------------------------------------------------------------- recipes
+def test_recipes_of_one_arch_and_setup_are_compared_with_the_reference_as_baseline(tmp_path, capsys):
+    for seed in (0, 1, 2):
+        write_run(tmp_path / f"fast{seed}", "tiny_resnet", seed, [30.0 + seed, 45.0 + seed], recipe="fast")
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0 + seed, 30.0 + 1.5 * seed])
+        write_run(tmp_path / f"next{seed}", "tiny_resnext", seed, [21.0 + seed, 31.0 + seed])
+    result = summary.summarize([tmp_path])
+    recipes = result.recipe_gaps
+    assert list(zip(recipes["model"], recipes["baseline"], recipes["epoch"])) == [
+        ("tiny_resnet (fast)", "tiny_resnet (seed)", 1), ("tiny_resnet (fast)", "tiny_resnet (seed)", 2)]
+    last = recipes.iloc[-1]
+    assert last["method"] == "paired" and last["gap"] == pytest.approx(np.mean([15.0 - 0.5 * s for s in (0, 1, 2)]))
+    assert last["verdict"] == stats.SIGNIFICANT
+    assert {frozenset(pair) for pair in zip(result.gaps["model"], result.gaps["baseline"])} == {
+        frozenset(("tiny_resnext (seed)", "tiny_resnet (seed)"))}  # archs: within one recipe only
+    lines = [line for line in result.takeaways if line.startswith("At epoch 2, tiny_resnet (fast)")]
+    assert len(lines) == 1 and "against tiny_resnet (seed)" in lines[0] and "significant at 95%" in lines[0]
+    assert not any(line.startswith("Not compared") for line in result.takeaways)
+    across = [line for line in result.takeaways if line.startswith("Compared only arch by arch, as recipe gaps: ")]
+    assert len(across) == 1 and "recipe seed vs fast" in across[0]
+    code, out, _ = _summary([tmp_path, "--format", "markdown"], capsys)
+    assert code == 0 and "## Recipe gaps in test accuracy (same arch and setup)" in out
+
+
+@pytest.mark.parametrize("change", [{"precision": "bf16"}, {"train_images": 1024}, {"world_size": 2}])
+def test_recipes_under_different_setups_are_not_compared(tmp_path, change):
+    for seed in (0, 1):
+        write_run(tmp_path / f"fast{seed}", "tiny_resnet", seed, [30.0 + seed], recipe="fast", **change)
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0 + seed])
+    result = summary.summarize([tmp_path])
+    assert result.recipe_gaps.empty and not any("points" in line for line in result.takeaways)
+    assert any(line.startswith("Not compared") for line in result.takeaways)
+
+
+def test_two_non_reference_recipes_take_the_first_as_baseline(tmp_path):
+    write_run(tmp_path / "a", "tiny_resnet", 0, [30.0], recipe="fast")
+    write_run(tmp_path / "b", "tiny_resnet", 0, [33.0], recipe="fast", overrides={"lr": 0.4})
+    (pair,) = summary.recipe_pairs(summary.summarize([tmp_path]).groups)
+    assert [g.label for g in pair] == ["tiny_resnet (fast, lr=0.4)", "tiny_resnet (fast, lr=0.2)"]
+
+
 # --------------------------------------------------------------------------------------------- speed
 def test_speed_is_the_median_of_epochs_two_on(tmp_path):
     write_run(tmp_path / "a", "tiny_resnet", 0, [1.0, 2.0, 3.0, 4.0, 5.0], img_per_s=[100, 200, 210, 190, 900])
