@@ -64,8 +64,8 @@ RECIPES: Dict[str, Recipe] = {
     "seed": Recipe(),
     "fast": Recipe(
         epochs=10,
-        batch_size=256,
-        lr=0.2,
+        batch_size=32,  # chosen on val_acc: 1-epoch resnet50 runs on the CIFAR-10 sample (README, Recipes)
+        lr=0.1,
         lr_scale_batch=256,
         nesterov=True,
         weight_decay=5e-4,

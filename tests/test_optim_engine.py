@@ -32,7 +32,9 @@ def test_seed_recipe_is_the_reference_study():
 
 def test_fast_recipe_scales_lr_with_batch():
     fast = RECIPES["fast"]
-    assert Recipe(**{**fast.__dict__, "batch_size": 512}).effective_lr() == pytest.approx(2 * fast.effective_lr())
+    doubled = Recipe(**{**fast.__dict__, "batch_size": 2 * fast.batch_size})
+    assert doubled.effective_lr() == pytest.approx(2 * fast.effective_lr())
+    assert fast.effective_lr() == pytest.approx(fast.lr * fast.batch_size / fast.lr_scale_batch)
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])

@@ -326,10 +326,10 @@ def test_recipes_under_different_setups_are_not_compared(tmp_path, change):
 
 
 def test_two_non_reference_recipes_take_the_first_as_baseline(tmp_path):
-    write_run(tmp_path / "a", "tiny_resnet", 0, [30.0], recipe="fast")
+    write_run(tmp_path / "a", "tiny_resnet", 0, [30.0], recipe="fast", overrides={"lr": 0.5})
     write_run(tmp_path / "b", "tiny_resnet", 0, [33.0], recipe="fast", overrides={"lr": 0.4})
     (pair,) = summary.recipe_pairs(summary.summarize([tmp_path]).groups)
-    assert [g.label for g in pair] == ["tiny_resnet (fast, lr=0.4)", "tiny_resnet (fast, lr=0.2)"]
+    assert [g.label for g in pair] == ["tiny_resnet (fast, lr=0.4)", "tiny_resnet (fast, lr=0.5)"]
 
 
 # --------------------------------------------------------------------------------------------- speed
