@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cardinal import build_model
+from cardinal.config import RECIPES
 from cardinal.records import COLUMNS, TIMING_COLUMNS
 from cardinal.threads import available_cores
 
@@ -102,8 +103,9 @@ def test_two_processes_match_one_process(tmp_path):
 def test_resume_gives_the_same_csv_as_an_uninterrupted_run(tmp_path):
     args = [*TINY, *SYNTHETIC, "--epochs", "2", "--recipe", "fast", "--warmup-epochs", "1", "--no-export"]
     straight = train(args, tmp_path, run_name="straight")
-    # 10 steps an epoch, 10 of warm-up to 0.2 * 64 / 256, then linear decay: lr is the last step's rate
-    assert list(straight["lr"]) == pytest.approx([0.05, 0.005])
+    # 10 steps an epoch, 10 of warm-up to the peak, then linear decay: lr is the last step's rate
+    peak = RECIPES["fast"].lr * 64 / RECIPES["fast"].lr_scale_batch
+    assert list(straight["lr"]) == pytest.approx([peak, peak / 10])
     first = train([*args, "--stop-after", "1"], tmp_path, run_name="resumed")
     assert list(first["epoch"]) == [1]
     done = cli("cardinal.train", ["--resume", str(tmp_path / "resumed"), "--no-progress"])
