@@ -73,8 +73,13 @@ def cli(module, args, processes=1, timeout=600, env=None):
     return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
+def output_tail(done, chars=3000):
+    """The end of both streams: a rank that dies at exit leaves its cause on one, the last lines on the other."""
+    return done.stdout[-chars:] + done.stderr[-chars:]
+
+
 def train(args, tmp_path, processes=1, run_name="run", **kwargs):
     done = cli("cardinal.train", [*args, "--output-dir", str(tmp_path), "--run-name", run_name],
                processes, **kwargs)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, output_tail(done)
     return pd.read_csv(tmp_path / run_name / "epochs.csv")

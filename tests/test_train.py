@@ -16,7 +16,7 @@ from cardinal.records import COLUMNS, TIMING_COLUMNS
 from cardinal.threads import available_cores
 
 from cifar_fixture import TEST_SIZE
-from conftest import SYNTHETIC, TINY, cli, train
+from conftest import SYNTHETIC, TINY, cli, output_tail, train
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_two_processes_match_one_process(tmp_path):
         done = cli("cardinal.train", [*TINY, *SYNTHETIC, "--synthetic-test", "333", "--eval-only",
                                       "--init-weights", str(tmp_path / "w.pt"), "--eval-batch-size", "50",
                                       "--output-dir", str(tmp_path), "--run-name", name], processes)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, output_tail(done)
         results.append(json.loads((tmp_path / name / "eval.json").read_text()))
     assert results[0]["test_images"] == results[1]["test_images"] == 333
     assert results[1]["world_size"] == 2
@@ -109,7 +109,7 @@ def test_resume_gives_the_same_csv_as_an_uninterrupted_run(tmp_path):
     first = train([*args, "--stop-after", "1"], tmp_path, run_name="resumed")
     assert list(first["epoch"]) == [1]
     done = cli("cardinal.train", ["--resume", str(tmp_path / "resumed"), "--no-progress"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output_tail(done)
     resumed = pd.read_csv(tmp_path / "resumed" / "epochs.csv")
     compared = [c for c in straight.columns if c not in TIMING_COLUMNS + ("run_name", "command")]
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
@@ -124,7 +124,7 @@ def test_two_process_accuracy_is_the_saved_models_accuracy(tmp_path):
     done = cli("cardinal.train", [*TINY, *SYNTHETIC, "--synthetic-train", "512", "--synthetic-test", "256",
                                   "--eval-only", "--init-weights", str(tmp_path / "two" / "model_state.pt"),
                                   "--output-dir", str(tmp_path), "--run-name", "eval"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output_tail(done)
     alone = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert alone["world_size"] == 1 and alone["test_images"] == 256
     assert abs(two["test_acc"].iloc[-1] - alone["test_acc"]) < 1e-6
@@ -135,7 +135,7 @@ def test_a_constant_schedule_run_can_be_lengthened_on_resume(tmp_path):
     args = [*TINY, *SYNTHETIC, "--epochs", "1", "--no-export", "--warmup-epochs", "0.5"]
     first = train(args, tmp_path, run_name="r")
     done = cli("cardinal.train", ["--resume", str(tmp_path / "r"), "--epochs", "2", "--no-progress"])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output_tail(done)
     frame = pd.read_csv(tmp_path / "r" / "epochs.csv")
     assert list(frame["epoch"]) == [1, 2] and frame["lr"].eq(0.01).all()  # warmed up in epoch 1, then constant
     assert frame["train_loss"].iloc[0] == pytest.approx(first["train_loss"].iloc[0])
@@ -163,7 +163,7 @@ def _launch_one_process(tmp_path, extra_env):
                *TINY, *SYNTHETIC, "--synthetic-train", "64", "--synthetic-test", "64", "--epochs", "1",
                "--no-export", "--output-dir", str(tmp_path), "--run-name", "t"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, output_tail(done)
     return pd.read_csv(tmp_path / "t" / "epochs.csv")["device"].iloc[0]
 
 
