@@ -1,4 +1,5 @@
-"""Epoch-boundary checkpoints of a run: model, optimizer, scaler, RNG and the trainer's progress.
+"""Epoch-boundary checkpoints of a run: model, optimizer, scaler, weight average, RNG and the trainer's
+progress.
 
 Every file is a plain tensor/number container written with ``torch.save`` and read back with
 ``weights_only=True``, so loading a checkpoint can never run code; ``trainer.json`` holds the rest
@@ -24,7 +25,7 @@ from cardinal.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.json"
-MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE = "model.pt", "optimizer.pt", "scaler.pt"
+MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, AVERAGE_FILE = "model.pt", "optimizer.pt", "scaler.pt", "ema.pt"
 FORMAT = 2
 
 
@@ -108,19 +109,23 @@ def _rng_state() -> Dict[str, Any]:
     return state
 
 
-def _save_files(accelerator, model, optimizer, folder: Path) -> None:
+def _save_files(accelerator, model, optimizer, folder: Path, average) -> None:
     if accelerator.is_main_process:
         folder.mkdir(parents=True)
         torch.save(accelerator.unwrap_model(model).state_dict(), folder / MODEL_FILE)
         torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), folder / SCALER_FILE)
+        if average is not None:
+            torch.save(average.state_dict(), folder / AVERAGE_FILE)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), folder / _rng_file(accelerator.process_index))
 
 
-def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any]) -> Path:
+def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any],
+                    average=None) -> Path:
     """Every process calls this (each saves its RNG state); the main process swaps the folder in.
+    ``average``, the EMA of the weights, is saved with the model when the run keeps one.
 
     A failure (full disk, unwritable folder) raises CardinalError and leaves the previous checkpoint.
     """
@@ -129,7 +134,7 @@ def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state:
         recover(run_dir)
     accelerator.wait_for_everyone()
     try:
-        _save_files(accelerator, model, optimizer, folders["staging"])
+        _save_files(accelerator, model, optimizer, folders["staging"], average)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {**trainer_state, "format": FORMAT, "world_size": accelerator.num_processes}
@@ -157,7 +162,7 @@ def _load(path: Path, device) -> Any:
         raise CardinalError(f"cannot resume: {path} cannot be read safely ({reason})") from None
 
 
-def load_checkpoint(accelerator, model, optimizer, run_dir: Path) -> Dict[str, Any]:
+def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) -> Dict[str, Any]:
     """Restore every saved state into the prepared objects; any unreadable file is an error."""
     if accelerator.is_main_process:
         recover(run_dir)
@@ -169,6 +174,7 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path) -> Dict[str, A
     model_state = _load(folder / MODEL_FILE, "cpu")
     optimizer_state = _load(folder / OPTIMIZER_FILE, "cpu")
     scaler_state = _load(folder / SCALER_FILE, "cpu") if accelerator.scaler is not None else None
+    average_state = _load(folder / AVERAGE_FILE, "cpu") if average is not None else None
     rng_path = folder / _rng_file(accelerator.process_index)
     rng_state = _load(rng_path, "cpu") if rng_path.exists() else None  # absent when the world grew
     try:
@@ -176,6 +182,8 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path) -> Dict[str, A
         optimizer.load_state_dict(optimizer_state)
         if scaler_state is not None:
             accelerator.scaler.load_state_dict(scaler_state)
+        if average_state is not None:
+            average.load_state_dict(average_state)
         if rng_state is not None:
             torch.set_rng_state(rng_state["cpu"])
             if "cuda" in rng_state and torch.cuda.is_available():

@@ -50,6 +50,7 @@ class Recipe:
     grad_clip: float = 0.0
     val_images: float = 0  # training images held out for validation: a count (>= 1) or a fraction (< 1)
     eval_flip: bool = False  # also evaluate with horizontal-flip test-time augmentation (own columns)
+    ema_decay: float = 0.0  # if > 0, also evaluate an EMA of the weights (own columns); 0: none
 
     @property
     def length_free(self) -> bool:
@@ -165,7 +166,7 @@ def _finite(*values: Any) -> bool:
 
 def validate_recipe(recipe: Recipe) -> None:
     floats = ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "warmup_fraction",
-              "decay_fraction", "final_lr_fraction", "grad_clip", "val_images")
+              "decay_fraction", "final_lr_fraction", "grad_clip", "val_images", "ema_decay")
     for name in floats:
         if not _finite(getattr(recipe, name)):
             raise CardinalError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(recipe, name)}")
@@ -192,6 +193,7 @@ def validate_recipe(recipe: Recipe) -> None:
         (len(recipe.mean) == 3 and len(recipe.std) == 3 and min(recipe.std) > 0,
          "--mean and --std take three values each, std positive"),
         (recipe.grad_clip >= 0, f"--grad-clip must be >= 0, got {recipe.grad_clip}"),
+        (0 <= recipe.ema_decay < 1, f"--ema-decay must be in [0, 1), got {recipe.ema_decay}"),
     ]
     for ok, message in checks:
         if not ok:

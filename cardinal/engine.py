@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from cardinal.data import DeviceLoader, Normalize, eval_batches
 from cardinal.optim import ScheduledLR
@@ -97,9 +98,13 @@ def train_epoch(
     grad_clip: float = 0.0,
     max_steps: Optional[int] = None,
     on_step: Optional[StepCallback] = None,
+    average: Optional[AveragedModel] = None,
     check_every: int = 10,
 ) -> TrainStats:
-    """Train for one pass over ``loader`` (or ``max_steps`` optimizer steps, whichever ends first)."""
+    """Train for one pass over ``loader`` (or ``max_steps`` optimizer steps, whichever ends first).
+
+    ``average`` (an EMA of the weights) takes in every step the optimizer applied.
+    """
     device, world = accelerator.device, accelerator.num_processes
     model.train()
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # plain loss, objective, correct
@@ -131,6 +136,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         applied = not getattr(optimizer, "step_was_skipped", False)
         lr_schedule.advance(applied)
+        if average is not None and applied:
+            average.update_parameters(accelerator.unwrap_model(model))
         skipped += not applied
         steps += 1
         images += global_count

@@ -33,19 +33,22 @@ RUN_COLUMNS = (
     "cardinal_version", "seed", "command",
 )
 COLUMNS = EPOCH_COLUMNS + RUN_COLUMNS  # what every run writes
-# Written only when asked for: a validation split (--val-images), flip test-time augmentation (--eval-flip).
-# Other evaluation modes never replace test_acc; they get columns of their own.
+# Written only when asked for: a validation split (--val-images), flip test-time augmentation (--eval-flip),
+# an EMA of the weights (--ema-decay). Other evaluation modes never replace test_acc; they get columns of
+# their own.
 VALIDATION_COLUMNS = ("val_loss", "val_acc", "val_images")
 FLIP_COLUMNS = ("test_acc_tta", "val_acc_tta")
-ORDER = EPOCH_COLUMNS[:EPOCH_COLUMNS.index("lr")] + VALIDATION_COLUMNS[:2] + FLIP_COLUMNS + \
+EMA_COLUMNS = ("test_acc_ema", "val_acc_ema")
+ORDER = EPOCH_COLUMNS[:EPOCH_COLUMNS.index("lr")] + VALIDATION_COLUMNS[:2] + FLIP_COLUMNS + EMA_COLUMNS + \
     EPOCH_COLUMNS[EPOCH_COLUMNS.index("lr"):] + VALIDATION_COLUMNS[2:] + RUN_COLUMNS
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "it_per_s", "img_per_s",
                   "train_tflop_per_s", "peak_mem_mb")
 
 
 def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_image: float,
-              peak_mem_mb: float, val=None) -> Dict[str, Any]:
-    """Metrics of one finished epoch from engine.TrainStats / EvalStats (``val``: the validation split's)."""
+              peak_mem_mb: float, val=None, test_ema=None, val_ema=None) -> Dict[str, Any]:
+    """Metrics of one finished epoch from engine.TrainStats / EvalStats (``val``: the validation split's;
+    ``test_ema``, ``val_ema``: the weight average's on each split)."""
     seconds = max(train.time_s, 1e-9)
     row = {
         "epoch": epoch,
@@ -73,6 +76,10 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
         row["test_acc_tta"] = test.flip_accuracy
     if val is not None and val.flip_accuracy is not None:
         row["val_acc_tta"] = val.flip_accuracy
+    if test_ema is not None:
+        row["test_acc_ema"] = test_ema.accuracy
+    if val_ema is not None:
+        row["val_acc_ema"] = val_ema.accuracy
     return row
 
 
@@ -223,6 +230,8 @@ class ConsoleReport:
                       ("Best val acc %", f"{best_val['val_acc']:.2f} (epoch {int(best_val['epoch'])})")]
         if "test_acc_tta" in frame and frame["test_acc_tta"].notna().any():
             extra.append(("Final test acc % (flip TTA)", _fmt(last["test_acc_tta"], 2)))
+        if "test_acc_ema" in frame and frame["test_acc_ema"].notna().any():
+            extra.append(("Final test acc % (EMA)", _fmt(last["test_acc_ema"], 2)))
         for label, value in (
             ("Parameters", f"{int(first['params']):,}"),
             ("GFLOPs / image", f"{first['gflops']:.2f}"),

@@ -146,6 +146,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--eval-flip", action=argparse.BooleanOptionalAction,
          help=_recipe_help("eval_flip", "also evaluate with flip test-time augmentation, in columns of its own "
                                         "(test_acc_tta, val_acc_tta); test_acc stays the plain model's"))
+    knob("--ema-decay", type=finite_float, metavar="D",
+         help=_recipe_help("ema_decay", "if > 0, keep an exponential moving average of the weights (decay D, "
+                                        "warmed up over the first steps) and evaluate it in columns of its own "
+                                        "(test_acc_ema, val_acc_ema); test_acc stays the trained model's"))
 
     how = parser.add_argument_group("how to run")
     how.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=None,
@@ -389,6 +393,7 @@ class Session:
     cost: ModelCost
     schedule: Schedule
     trackers: Tuple[str, ...]
+    average: Optional[torch.nn.Module] = None  # the EMA of the weights (--ema-decay), or None
 
     @property
     def main_process(self) -> bool:
@@ -399,10 +404,18 @@ class Session:
         return evaluate(self.accelerator, self.model, *(split or self.test), self.normalize,
                         self.config.eval_batch_size, self.config.limit_eval_batches, flip=self.config.recipe.eval_flip)
 
+    def evaluate_average(self, split: Optional[Split] = None):
+        """The EMA's loss and accuracy on the test split or ``split``; None without an EMA or before any update."""
+        if self.average is None or int(self.average.n_averaged) == 0:
+            return None
+        return evaluate(self.accelerator, self.average, *(split or self.test), self.normalize,
+                        self.config.eval_batch_size, self.config.limit_eval_batches)
+
 
 def set_up(config: TrainConfig, run_dir: Path) -> Session:
     from accelerate.utils import set_seed
 
+    from cardinal.ema import build_average
     from cardinal.export import load_weights
     from cardinal.syncbn import convert_sync_batchnorm
     from cardinal.threads import use_cpu_threads
@@ -430,6 +443,7 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
+    average = build_average(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
     device = accelerator.device
     normalize = Normalize(recipe.mean, recipe.std, device, config.channels_last)
     loader = DeviceLoader(train_images, train_labels, recipe.batch_size, normalize, device,
@@ -443,7 +457,7 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     report = ConsoleReport(enabled=accelerator.is_main_process, progress=config.progress)
     on_device = lambda split: (split[0].to(device), split[1].to(device)) if split is not None else None  # noqa: E731
     return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize, on_device(test),
-                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers)
+                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers, average)
 
 
 def restore(session: Session, resuming: bool) -> Progress:
@@ -453,7 +467,8 @@ def restore(session: Session, resuming: bool) -> Progress:
     if read_trainer_state(session.run_dir) is None:
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
-    state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir)
+    state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir,
+                            session.average)
     config = session.config
     if (state.get("arch"), state.get("dataset")) != (config.arch, config.dataset):
         raise CardinalError(f"checkpoint in {session.run_dir} is for {state.get('arch')} on {state.get('dataset')}")
@@ -504,12 +519,14 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
     try:
         trained = train_epoch(session.accelerator, session.model, session.loader, session.optimizer, lr_schedule,
                               config.recipe.label_smoothing, config.grad_accum, config.recipe.grad_clip,
-                              steps_left, session.report.step)
+                              steps_left, session.report.step, session.average)
     except NonFiniteLoss:
         session.report.end_epoch({})
         raise diverged(epoch, "the training loss", session, progress) from None
     validated = session.evaluate(session.val) if session.val is not None else None
     tested = session.evaluate()
+    val_average = session.evaluate_average(session.val) if session.val is not None else None
+    test_average = session.evaluate_average()
     for what, result in (("the validation loss", validated), ("the test loss", tested)):
         if result is not None and not math.isfinite(result.loss):
             session.report.end_epoch({})
@@ -517,7 +534,7 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
     progress.epoch, progress.global_step = epoch, progress.global_step + trained.steps
     progress.schedule_step = lr_schedule.step
     return epoch_row(epoch, trained, tested, time.perf_counter() - started, session.cost.train_flops,
-                     peak_memory_mb(device), validated)
+                     peak_memory_mb(device), validated, test_average, val_average)
 
 
 def run_epochs(session: Session, progress: Progress, rule: StopRule, records: RunRecords) -> None:
@@ -529,7 +546,7 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
             save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
                 "epoch": progress.epoch, "global_step": progress.global_step,
                 "schedule_step": progress.schedule_step, "schedule_total_steps": session.schedule.total_steps,
-                "arch": config.arch, "dataset": config.dataset})
+                "arch": config.arch, "dataset": config.dataset}, session.average)
         if session.main_process:
             records.add(row)
         session.report.end_epoch(row)
@@ -543,18 +560,24 @@ def evaluate_only(session: Session) -> None:
                "world_size": session.accelerator.num_processes}
     if result.flip_accuracy is not None:
         summary["test_acc_tta"] = result.flip_accuracy
+    averaged = session.evaluate_average()
+    if averaged is not None:
+        summary["test_acc_ema"] = averaged.accuracy
     if session.main_process:
         write_text_atomic(session.run_dir / "eval.json", json.dumps(summary, indent=2))
     session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
 def finish(session: Session, records: RunRecords) -> None:
-    from cardinal.export import export_model
+    from cardinal.export import export_model, save_state_dict
 
     if session.config.export and session.main_process:
         plain = session.accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)
         files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE)
-        session.report.line("exported " + ", ".join(str(p) for p in files.written().values()))
+        written = list(files.written().values())
+        if session.average is not None:
+            written.append(save_state_dict(session.average.module, session.run_dir / "model_ema_state.pt"))
+        session.report.line("exported " + ", ".join(str(p) for p in written))
     if session.main_process and records.rows:
         session.report.final(records.frame(), session.run_dir)
 

@@ -22,7 +22,7 @@ from conftest import SYNTHETIC, TINY
 pytestmark = pytest.mark.slow  # every test resumes real (tiny) runs
 
 ARGS = [*TINY, *SYNTHETIC, "--synthetic-train", "192", "--synthetic-test", "64", "--recipe", "fast",
-        "--epochs", "3", "--no-export"]
+        "--epochs", "3", "--ema-decay", "0.9", "--no-export"]  # the weight average is part of every checkpoint
 COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}
 
 
@@ -140,7 +140,7 @@ class _Trap:
         return os.mkdir, (self.marker,)
 
 
-@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "rng_state_0.pt", "trainer.json"])
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "ema.pt", "rng_state_0.pt", "trainer.json"])
 @pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
 def test_a_trapped_checkpoint_file_never_runs_code(straight, tmp_path, capsys, name, how):
     import pickle
@@ -160,16 +160,18 @@ def test_a_trapped_checkpoint_file_never_runs_code(straight, tmp_path, capsys, n
     assert (run_dir / "epochs.csv").read_bytes() == before
 
 
-def test_a_missing_checkpoint_file_stops_the_resume(straight, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["optimizer.pt", "ema.pt"])
+def test_a_missing_checkpoint_file_stops_the_resume(straight, tmp_path, capsys, name):
     run_dir = _copy(straight, "one", tmp_path)
-    (run_dir / "checkpoint" / "optimizer.pt").unlink()
+    (run_dir / "checkpoint" / name).unlink()
     code, err = _train(["--resume", str(run_dir)], capsys)
-    assert code == 2 and "optimizer.pt is missing" in err, err
+    assert code == 2 and f"{name} is missing" in err, err
 
 
 def test_the_checkpoint_holds_no_pickled_objects(straight):
     folder = straight / "two" / "checkpoint"
-    assert sorted(p.name for p in folder.iterdir()) == ["model.pt", "optimizer.pt", "rng_state_0.pt", "trainer.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["ema.pt", "model.pt", "optimizer.pt", "rng_state_0.pt",
+                                                        "trainer.json"]
     for path in folder.glob("*.pt"):
         torch.load(path, weights_only=True)  # plain tensors and numbers only
     state = json.loads((folder / "trainer.json").read_text())
@@ -186,3 +188,13 @@ def test_resume_with_another_schedule_length_is_refused(straight, tmp_path, caps
     code, err = _train(["--resume", str(run_dir)], capsys)
     assert code == 2 and "99 steps" in err, err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_eval_only_of_a_checkpoint_reports_its_average_beside_the_model(straight, tmp_path, capsys):
+    run_dir = _copy(straight, "two", tmp_path)
+    code, err = _train(["--resume", str(run_dir), "--eval-only", "--no-progress"], capsys)
+    assert code == 0, err
+    result = json.loads((run_dir / "eval.json").read_text())
+    last = pd.read_csv(run_dir / "epochs.csv").iloc[-1]
+    assert result["test_acc"] == pytest.approx(last["test_acc"]) and result["test_images"] == 64
+    assert result["test_acc_ema"] == pytest.approx(last["test_acc_ema"])

@@ -130,11 +130,11 @@ def test_console_row_shows_val_acc_when_a_split_exists_and_fits_80_columns():
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-epoch fast run with a validation split and flip TTA, and the same run stopped after 1 epoch."""
+    """A 2-epoch fast run with a validation split, flip TTA and an EMA, and the same run stopped after 1 epoch."""
     root = tmp_path_factory.mktemp("recipe-runs")
     for name, extra in (("straight", []), ("half", ["--stop-after", "1"])):
-        _train_in_process([*RUN, "--epochs", "2", "--eval-flip", "--warmup-fraction", "0.3", "--decay-fraction",
-                           "0.8", *extra, "--output-dir", str(root), "--run-name", name])
+        _train_in_process([*RUN, "--epochs", "2", "--eval-flip", "--ema-decay", "0.9", "--warmup-fraction", "0.3",
+                           "--decay-fraction", "0.8", *extra, "--output-dir", str(root), "--run-name", name])
     return root
 
 
@@ -143,7 +143,7 @@ def test_validation_columns_count_every_image_once(runs):
     frame = pd.read_csv(runs / "straight" / "epochs.csv")
     assert frame["val_images"].eq(40).all() and frame["train_images"].eq(160).all()  # 0.2 of 200 held out
     assert frame["test_images"].eq(64).all()  # the test split is untouched
-    for column in ("val_loss", "val_acc", "test_acc_tta", "val_acc_tta"):
+    for column in ("val_loss", "val_acc", "test_acc_tta", "val_acc_tta", "test_acc_ema", "val_acc_ema"):
         assert frame[column].notna().all() and column in frame
     assert frame["val_acc"].between(0, 100).all() and frame["test_acc_tta"].between(0, 100).all()
 
@@ -151,14 +151,14 @@ def test_validation_columns_count_every_image_once(runs):
 @pytest.mark.slow
 def test_every_new_knob_reaches_config_json(runs):
     recipe = json.loads((runs / "straight" / "config.json").read_text())["recipe"]
-    assert recipe["val_images"] == 0.2 and recipe["eval_flip"] is True
+    assert recipe["val_images"] == 0.2 and recipe["eval_flip"] is True and recipe["ema_decay"] == 0.9
     assert recipe["warmup_fraction"] == 0.3 and recipe["decay_fraction"] == 0.8 and recipe["warmup_epochs"] == 0
     config = TrainConfig.from_dict(json.loads((runs / "straight" / "config.json").read_text()))
-    assert config.recipe.val_images == 0.2 and config.recipe.eval_flip
+    assert config.recipe.val_images == 0.2 and config.recipe.eval_flip and config.recipe.ema_decay == 0.9
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_split_and_the_schedule(runs, tmp_path):
+def test_resume_keeps_the_split_the_schedule_and_the_average(runs, tmp_path):
     import shutil
 
     half = shutil.copytree(runs / "half", tmp_path / "half")
@@ -166,6 +166,11 @@ def test_resume_keeps_the_split_and_the_schedule(runs, tmp_path):
     straight, resumed = (pd.read_csv(folder / "epochs.csv") for folder in (runs / "straight", half))
     compared = [c for c in straight.columns if c not in COMPARED_OUT]
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
+    # the EMA went on from where it stopped rather than restarting from the resumed weights
+    averages = [torch.load(folder / "checkpoint" / "ema.pt", weights_only=True) for folder in (runs / "straight", half)]
+    assert int(averages[0]["n_averaged"]) == int(averages[1]["n_averaged"]) == 10
+    for name, tensor in averages[0].items():
+        torch.testing.assert_close(averages[1][name], tensor, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.slow
@@ -183,11 +188,13 @@ def test_resume_refuses_another_validation_split(runs, tmp_path, capsys):
 def test_validation_split_is_the_same_for_one_and_two_processes(tmp_path):
     """Same images held out whatever the process count: with --sync-bn the runs compute the same metrics."""
     args = [*TINY, *SYNTHETIC, "--synthetic-train", "256", "--synthetic-test", "64", "--recipe", "fast",
-            "--batch-size", "64", "--val-images", "56", "--epochs", "1", "--sync-bn", "--no-export"]
+            "--batch-size", "64", "--val-images", "56", "--epochs", "1", "--sync-bn", "--ema-decay", "0.9",
+            "--no-export"]
     one = train(args, tmp_path, run_name="one")
     two = train(args, tmp_path, processes=2, run_name="two")
     assert two["world_size"].eq(2).all()
     assert one["val_images"].eq(56).all() and two["val_images"].eq(56).all()
     assert two["train_images"].eq(200).all()
     pd.testing.assert_series_equal(two["val_loss"], one["val_loss"], rtol=1e-3, atol=0)
-    assert (two["val_acc"] - one["val_acc"]).abs().max() <= 100 / 56 + 1e-9  # at most one borderline image
+    for column in ("val_acc", "val_acc_ema"):  # at most one borderline image
+        assert (two[column] - one[column]).abs().max() <= 100 / 56 + 1e-9, column
