@@ -111,6 +111,7 @@ def train_epoch(
     nonfinite = torch.zeros((), device=device, dtype=torch.int64)
     steps = skipped = images = 0
     lr = lr_schedule.apply()
+    averaged_source = accelerator.unwrap_model(model, keep_torch_compile=False) if average is not None else None
     synchronize(device)
     start = time.perf_counter()
     for images_share, labels_share, global_count in loader:
@@ -137,7 +138,7 @@ def train_epoch(
         applied = not getattr(optimizer, "step_was_skipped", False)
         lr_schedule.advance(applied)
         if average is not None and applied:
-            average.update_parameters(accelerator.unwrap_model(model))
+            average.update_parameters(averaged_source)
         skipped += not applied
         steps += 1
         images += global_count

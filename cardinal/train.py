@@ -443,7 +443,8 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, recipe)
     model, optimizer = accelerator.prepare(model, optimizer)
-    average = build_average(accelerator.unwrap_model(model), recipe.ema_decay) if recipe.ema_decay > 0 else None
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA itself always runs eagerly
+    average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None
     device = accelerator.device
     normalize = Normalize(recipe.mean, recipe.std, device, config.channels_last)
     loader = DeviceLoader(train_images, train_labels, recipe.batch_size, normalize, device,
