@@ -88,7 +88,7 @@ def _plain_eval_copy(model: nn.Module) -> nn.Module:
 
 def script_model(model: nn.Module) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
         return torch.jit.script(_plain_eval_copy(model))
 
 
@@ -109,7 +109,7 @@ def export_torchscript(model: nn.Module, path: os.PathLike | str) -> Path:
 
     def save(buffer: io.BytesIO) -> None:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
             torch.jit.save(scripted, buffer)
 
     return _write(path, save)

@@ -36,7 +36,16 @@ from cardinal.cli import (
     run,
     seed_int,
 )
-from cardinal.config import AUGMENTATIONS, RECIPE_FIELDS, RECIPES, SCHEDULES, TrainConfig, resolve_recipe
+from cardinal.config import (
+    AUGMENTATIONS,
+    LR_BY_EPOCHS,
+    RECIPE_FIELDS,
+    RECIPES,
+    SCHEDULES,
+    TrainConfig,
+    describe_lr_rule,
+    resolve_recipe,
+)
 from cardinal.cost import ModelCost, model_cost
 from cardinal.data import (
     DATASET_CHOICES,
@@ -62,8 +71,14 @@ RESUMABLE_CHANGES = {"save_every", "max_steps", "limit_eval_batches", "progress"
 
 
 def _recipe_help(knob: str, text: str) -> str:
-    values = ", ".join(f"{name}: {_shown(getattr(recipe, knob))}" for name, recipe in RECIPES.items())
+    values = ", ".join(f"{name}: {_recipe_default(name, recipe, knob)}" for name, recipe in RECIPES.items())
     return f"{text} (default from --recipe; {values})"
+
+
+def _recipe_default(name: str, recipe: Any, knob: str) -> str:
+    if knob == "lr" and name in LR_BY_EPOCHS:
+        return describe_lr_rule(LR_BY_EPOCHS[name])
+    return _shown(getattr(recipe, knob))
 
 
 def _shown(value: Any) -> str:

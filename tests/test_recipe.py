@@ -3,6 +3,7 @@ and every knob recorded in config.json and kept on resume."""
 
 import io
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -105,6 +106,24 @@ def test_giving_one_warmup_knob_replaces_the_recipes_other():
     assert resolve_recipe("seed", {"warmup_fraction": 0.1}).warmup_epochs == 0
     with pytest.raises(CardinalError, match="not both"):
         resolve_recipe("fast", {"warmup_epochs": 1.0, "warmup_fraction": 0.1})
+
+
+def test_fast_lr_grows_with_the_runs_length_between_the_chosen_anchors():
+    lrs = {epochs: resolve_recipe("fast", {"epochs": epochs}).lr for epochs in range(1, 21)}
+    assert lrs[1] == lrs[2] == lrs[3] == 0.1 and lrs[10] == lrs[20] == 1.6
+    between = [lrs[epochs] for epochs in range(3, 11)]
+    assert between == sorted(set(between)), "strictly rising from 3 to 10 epochs"
+    assert lrs[5] == pytest.approx(0.1 * 16 ** (math.log(5 / 3) / math.log(10 / 3)), rel=1e-3)
+    assert resolve_recipe("fast", {"epochs": 10, "lr": 0.3}).lr == 0.3  # a given --lr always wins
+    assert all(resolve_recipe("seed", {"epochs": epochs}).lr == 0.01 for epochs in (1, 3, 10, 20))
+
+
+def test_the_lr_a_run_length_chose_is_what_config_json_keeps():
+    args = train_module.build_parser().parse_args(["--recipe", "fast", "--epochs", "10"])
+    config = train_module.config_from_args(args)
+    assert TrainConfig.from_dict(json.loads(config.to_json())).recipe.lr == 1.6
+    assert "fast: 0.1 up to 3 epochs, rising to 1.6 at 10 and beyond" in " ".join(
+        train_module.build_parser().format_help().split())
 
 
 def test_seed_recipe_is_untouched_by_the_new_knobs():
