@@ -8,8 +8,6 @@ is reported in columns of its own (``test_acc_ema``, ``val_acc_ema``) and never 
 
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -20,17 +18,35 @@ def warmed_up_decay(decay: float, updates: int) -> float:
     return min(decay, (1 + updates) / (10 + updates))
 
 
-def build_average(model: nn.Module, decay: float) -> AveragedModel:
-    """An EMA of ``model`` (a plain module, not its DDP wrapper) on the same device, never trained itself."""
+class ExponentialAverage(AveragedModel):
+    """torch's ``AveragedModel`` (same state dict: ``module.*`` and ``n_averaged``) with a warmed-up EMA
+    step that never makes the CPU wait for the GPU. torch's own ``update_parameters`` copies the update
+    count to the device every step, a synchronising copy; here the count is read where it is kept, on the
+    CPU."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model, use_buffers=True)
+        self.decay = decay
 
     @torch.no_grad()
-    def update(averaged: List[torch.Tensor], current: List[torch.Tensor], updates: torch.Tensor) -> None:
-        weight = 1 - warmed_up_decay(decay, int(updates))
-        if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, weight)
-        else:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [tensor.detach() for tensor in (*model.parameters(), *model.buffers())]
+        updates = int(self.n_averaged)
+        if updates == 0:
             torch._foreach_copy_(averaged, current)
+        else:
+            floating = [i for i, tensor in enumerate(averaged) if torch.is_floating_point(tensor)]
+            others = sorted(set(range(len(averaged))) - set(floating))
+            weight = 1 - warmed_up_decay(self.decay, updates)
+            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], weight)
+            if others:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+        self.n_averaged += 1
 
-    average = AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+def build_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An EMA of ``model`` (a plain module, not its DDP wrapper) on the same device, never trained itself."""
+    average = ExponentialAverage(model, decay)
     average.requires_grad_(False)
     return average.eval()

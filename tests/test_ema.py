@@ -42,6 +42,7 @@ def test_average_follows_the_formula_for_parameters_and_batchnorm_buffers():
         torch.testing.assert_close(averaged[name], tensor, msg=name)
     assert averaged["1.num_batches_tracked"].item() == 4
     assert int(average.n_averaged) == 4
+    assert average.n_averaged.device.type == "cpu"  # read every step: it must not live on the GPU
 
 
 def test_average_is_a_copy_that_never_trains():
