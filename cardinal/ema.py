@@ -8,6 +8,8 @@ is reported in columns of its own (``test_acc_ema``, ``val_acc_ema``) and never 
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
@@ -36,13 +38,17 @@ class ExponentialAverage(AveragedModel):
         if updates == 0:
             torch._foreach_copy_(averaged, current)
         else:
-            floating = [i for i, tensor in enumerate(averaged) if torch.is_floating_point(tensor)]
-            others = sorted(set(range(len(averaged))) - set(floating))
+            floating = [torch.is_floating_point(tensor) for tensor in averaged]
             weight = 1 - warmed_up_decay(self.decay, updates)
-            torch._foreach_lerp_([averaged[i] for i in floating], [current[i] for i in floating], weight)
-            if others:  # integer buffers (BatchNorm's num_batches_tracked) follow the model
-                torch._foreach_copy_([averaged[i] for i in others], [current[i] for i in others])
+            torch._foreach_lerp_(_where(averaged, floating), _where(current, floating), weight)
+            integer = [not is_float for is_float in floating]
+            if any(integer):  # integer buffers (BatchNorm's num_batches_tracked) follow the model
+                torch._foreach_copy_(_where(averaged, integer), _where(current, integer))
         self.n_averaged += 1
+
+
+def _where(tensors: List[torch.Tensor], mask: List[bool]) -> List[torch.Tensor]:
+    return [tensor for tensor, keep in zip(tensors, mask, strict=True) if keep]
 
 
 def build_average(model: nn.Module, decay: float) -> AveragedModel:

@@ -42,7 +42,16 @@ def test_average_follows_the_formula_for_parameters_and_batchnorm_buffers():
         torch.testing.assert_close(averaged[name], tensor, msg=name)
     assert averaged["1.num_batches_tracked"].item() == 4
     assert int(average.n_averaged) == 4
-    assert average.n_averaged.device.type == "cpu"  # read every step: it must not live on the GPU
+
+
+def test_the_update_never_reads_the_count_back_from_the_models_device():
+    # Nothing can be read back from the meta device, as reading from a GPU makes the CPU wait for it: torch's
+    # own update_parameters copies the count to the model's device and fails here.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to("meta")
+    average = build_average(model, decay=0.9)
+    for _ in range(3):
+        average.update_parameters(model)
+    assert int(average.n_averaged) == 3
 
 
 def test_average_is_a_copy_that_never_trains():
