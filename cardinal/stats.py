@@ -127,3 +127,16 @@ def ratio_interval(a: Sequence[float], b: Sequence[float]) -> Interval:
     logs = welch_interval(np.log(a), np.log(b))
     return Interval(math.exp(logs.estimate), math.exp(logs.low), math.exp(logs.high), logs.method,
                     logs.n_a, logs.n_b, null=1.0)
+
+
+def too_wide(low: float, high: float, lowest: float, highest: float) -> bool:
+    """An interval reaching past what the quantity can be (a mean accuracy outside 0..100 %, a gap beyond
+    ±100 points, a speed at or below 0) only says the seeds are too few or too spread to tell anything."""
+    return not (math.isnan(low) or math.isnan(high)) and (low < lowest or high > highest)
+
+
+def ratio_too_wide(interval: Interval, digits: int = 2) -> bool:
+    """A ratio interval that reaches 0 once rounded, or is wider than the ratio itself, means nothing."""
+    if not interval.has_interval:
+        return False
+    return round(interval.low, digits) <= 0 or interval.high - interval.low > interval.estimate

@@ -1,0 +1,196 @@
+"""Step 3: numbers over seeds and gaps between groups, each with its 95% interval and verdict.
+
+Models are compared only within one set of conditions. Recipes are compared one arch at a time: two
+groups of one arch whose conditions differ only in the recipe (its name, knobs and batch), and only when
+both runs have the same length: epoch k of a long run is never set against the end of a short one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cardinal import stats
+from cardinal.summary.group import LENGTH, Group, comparable_sets
+from cardinal.summary.load import (
+    ACCURACIES,
+    CSV_CONDITIONS,
+    CUMULATIVE_TIME,
+    KNOB,
+    LOSSES,
+    SPEEDS,
+    TIMES,
+    Conditions,
+)
+
+RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch")  # with every KNOB: what a recipe decides
+BASELINE_RECIPE = "seed"  # the reference study's recipe: the baseline of every recipe gap it is part of
+ACCURACY_LIMITS = (0.0, 100.0)
+GAP_LIMITS = (-100.0, 100.0)
+GAP_COLUMNS = ["model", "baseline", "epoch", "metric", "model_value", "baseline_value", "gap", "low", "high",
+               "method", "n_model", "n_baseline", "verdict", "too_wide"]
+
+
+# -------------------------------------------------------------------------------------------- results
+def _reported_epochs(group: Group, epochs: Sequence[int] | None) -> list[int]:
+    return sorted(set(epochs) if epochs else {1, 5, group.last_epoch()})
+
+
+def _condition_columns(group: Group) -> dict[str, Any]:
+    conditions = dict(group.conditions)
+    return {"model": group.label, "arch": group.arch, "dataset": conditions["dataset"],
+            "recipe": group.recipe_name, "recipe_resolved": conditions["recipe_resolved"],
+            **{c: conditions[c] for c in CSV_CONDITIONS}}
+
+
+def _aggregate(row: dict[str, Any], column: str, values: Iterable[float]) -> stats.Estimate:
+    summary = stats.estimate(list(values))
+    row[column], row[f"{column}_std"], row[f"{column}_ci95"] = summary.mean, summary.std, summary.ci95
+    return summary
+
+
+def results_table(groups: list[Group], epochs: Sequence[int] | None = None) -> pd.DataFrame:
+    """One row per group and reported epoch: every metric as mean, std and 95% half-width over seeds."""
+    metrics = [c for c in ACCURACIES + LOSSES + SPEEDS + TIMES + (CUMULATIVE_TIME,)
+               if any(c in r.frame for g in groups for r in g.runs)]
+    rows = []
+    for group in groups:
+        for epoch in _reported_epochs(group, epochs):
+            at = group.at_epoch(epoch)
+            if not at:
+                continue
+            row = {**_condition_columns(group), "epoch": epoch, "runs": len(at),
+                   "seeds": " ".join(str(seed) for seed, _ in at)}
+            for column in metrics:
+                _aggregate(row, column, [r.get(column, math.nan) for _, r in at])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def models_table(groups: list[Group]) -> pd.DataFrame:
+    """Per group: size, arithmetic, steady-state speed over seeds, best epoch, and what was set aside."""
+    rows = []
+    for group in groups:
+        frames = pd.concat([r.frame[["epoch", "test_acc"]] for r in group.runs])
+        per_epoch = frames.groupby("epoch")["test_acc"].mean()
+        row = {**_condition_columns(group), "params": group.first_value("params"),
+               "gflops": group.first_value("gflops")}
+        for column in SPEEDS:
+            _aggregate(row, f"median_{column}", group.medians(column))
+        row.update({
+            "speed_from_epoch_1": sum(r.last_epoch == 1 for r in group.runs),
+            "best_epoch": int(per_epoch.idxmax()), "best_test_acc": float(per_epoch.max()),
+            "epochs": group.last_epoch(), "runs": len(group.runs),
+            "seeds": " ".join(str(s) for s in group.seeds),
+            "incomplete": sum(not r.complete for r in group.runs), "dropped": len(group.dropped),
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def final_table(groups: list[Group]) -> pd.DataFrame:
+    """Per group, in the order given: test accuracy at the last epoch (over the runs that reached it), its
+    95% half-width (NaN below 2 seeds), whether that interval is too wide to mean anything, and img/s."""
+    rows = []
+    for index, group in enumerate(groups):
+        epoch = group.last_epoch()
+        at = group.at_epoch(epoch)
+        row = {"group": index, "model": group.label, "epoch": epoch, "length": group.length,
+               "finished": group.finished(), "runs": len(at), "seeds": len(group.runs)}
+        accuracy = _aggregate(row, "test_acc", [r["test_acc"] for _, r in at])
+        row["test_acc_too_wide"] = stats.too_wide(accuracy.mean - accuracy.ci95, accuracy.mean + accuracy.ci95,
+                                                  *ACCURACY_LIMITS)
+        speed = _aggregate(row, "img_per_s", group.medians("img_per_s"))
+        row["img_per_s_too_wide"] = stats.too_wide(speed.mean - speed.ci95, speed.mean + speed.ci95, 0.0, math.inf)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def arch_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(model, baseline): every later group against every earlier one of the same set of conditions."""
+    return [(model, baseline) for members in comparable_sets(groups)
+            for baseline, model in itertools.combinations(members, 2)]
+
+
+def setup_conditions(group: Group) -> Conditions:
+    """A group's conditions less those its recipe decides: what two recipes must share to be compared."""
+    return tuple((k, v) for k, v in group.conditions
+                 if k not in RECIPE_CONDITIONS and (not k.startswith(KNOB) or k == LENGTH))
+
+
+def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(model, baseline): groups of one arch, one setup and one length that differ in the recipe only. The
+    reference recipe is the baseline when it is one of the two, else the group that appears first."""
+    by_setup: dict[tuple[str, int, Conditions], list[Group]] = {}
+    for group in groups:
+        by_setup.setdefault((group.arch, group.length, setup_conditions(group)), []).append(group)
+    pairs = []
+    for members in by_setup.values():
+        for first, second in itertools.combinations(members, 2):
+            swap = second.recipe_name == BASELINE_RECIPE and first.recipe_name != BASELINE_RECIPE
+            pairs.append((first, second) if swap else (second, first))
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------- gaps
+def gap_row(model: Group, baseline: Group, epoch: int, metric: str = "test_acc") -> dict[str, Any]:
+    """model - baseline at ``epoch`` in points: paired by seed when both ran the same seeds, Welch otherwise."""
+    a, b = model.at_epoch(epoch), baseline.at_epoch(epoch)
+    interval = stats.gap_interval([r[metric] for _, r in a], [r[metric] for _, r in b],
+                                  [s for s, _ in a], [s for s, _ in b])
+    return {"model": model.label, "baseline": baseline.label, "epoch": epoch, "metric": metric,
+            "model_value": float(np.mean([r[metric] for _, r in a])),
+            "baseline_value": float(np.mean([r[metric] for _, r in b])),
+            "gap": interval.estimate, "low": interval.low, "high": interval.high, "method": interval.method,
+            "n_model": interval.n_a, "n_baseline": interval.n_b, "verdict": interval.verdict,
+            "too_wide": stats.too_wide(interval.low, interval.high, *GAP_LIMITS)}
+
+
+def gap_table(pairs: list[tuple[Group, Group]], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+    """Per (model, baseline) pair and epoch both report: see ``gap_row``."""
+    rows = []
+    for model, baseline in pairs if not results.empty else []:
+        shared = set(results.loc[results["model"] == model.label, "epoch"]) & set(
+            results.loc[results["model"] == baseline.label, "epoch"])
+        rows += [gap_row(model, baseline, epoch, metric) for epoch in sorted(shared)]
+    return pd.DataFrame(rows, columns=GAP_COLUMNS)
+
+
+def speed_row(model: Group, baseline: Group) -> dict[str, Any]:
+    """The ratio of steady-state img/s with its 95% interval, and the ratio per FLOP."""
+    speed = stats.ratio_interval(model.medians("img_per_s"), baseline.medians("img_per_s"))
+    tflops = (model.medians("train_tflop_per_s"), baseline.medians("train_tflop_per_s"))
+    return {"model": model.label, "baseline": baseline.label, "ratio": speed.estimate, "low": speed.low,
+            "high": speed.high, "verdict": speed.verdict, "too_wide": stats.ratio_too_wide(speed, 3),
+            "n_model": speed.n_a, "n_baseline": speed.n_b,
+            "per_flop_ratio": stats.ratio_interval(*tflops).estimate,
+            "model_gflops": model.first_value("gflops"), "baseline_gflops": baseline.first_value("gflops"),
+            "model_tflop_per_s": float(np.mean(tflops[0])), "baseline_tflop_per_s": float(np.mean(tflops[1]))}
+
+
+def speed_ratios(groups: list[Group]) -> pd.DataFrame:
+    """Per pair of models under identical conditions: see ``speed_row``."""
+    return pd.DataFrame([speed_row(model, baseline) for model, baseline in arch_pairs(groups)])
+
+
+def final_gaps(groups: list[Group]) -> pd.DataFrame:
+    """Arch against arch within one recipe, then recipe against recipe within one arch, each at the end of
+    two finished groups of the same length, with the speed ratio beside the accuracy gap."""
+    index = {id(g): i for i, g in enumerate(groups)}
+    rows = []
+    for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups))):
+        for model, baseline in pairs:
+            if not (model.finished() and baseline.finished() and model.length == baseline.length):
+                continue
+            speed = speed_row(model, baseline)
+            rows.append({**gap_row(model, baseline, model.length), "kind": kind, "model_index": index[id(model)],
+                         "baseline_index": index[id(baseline)], "ratio": speed["ratio"],
+                         "ratio_verdict": speed["verdict"], "ratio_too_wide": speed["too_wide"]})
+    columns = GAP_COLUMNS + ["kind", "model_index", "baseline_index", "ratio", "ratio_verdict", "ratio_too_wide"]
+    return pd.DataFrame(rows, columns=columns).sort_values("epoch", ascending=False, kind="stable")

@@ -1,0 +1,292 @@
+"""Step 4: the summary as text. The table format answers first (the final accuracy of each setting, then
+the gaps at the end of runs of equal length) and fits 80 columns; ``everything`` adds the per-epoch
+tables, models, speed, takeaways and notes, which markdown always holds. Every text that came from a
+file is printed through rich as literal text (rich.markup.escape), never as markup.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from cardinal import stats
+from cardinal.summary.group import Legend, legend
+from cardinal.summary.load import CUMULATIVE_TIME
+from cardinal.summary.takeaways import SPEED_NAME, gflops_text, interval_text, seeds_text, signed
+
+if TYPE_CHECKING:
+    from cardinal.summary import Summary
+
+SHORT_VERDICTS = {stats.SIGNIFICANT: "sig.", stats.NOT_DISTINGUISHABLE: "n.s.", stats.ONE_SEED: ""}
+VERDICT_LEGEND = ("sig. / n.s.: the 95% interval of the gap excludes / contains 0; with one seed a side there "
+                  "is no verdict.")
+OPTIONAL_ACCURACY_TITLES = {"val_acc": "Val acc %", "test_acc_ema": "EMA test acc %", "test_acc_tta": "TTA test acc %"}
+
+
+@dataclass
+class View:
+    """One table as text cells; ``text`` columns may wrap (at spaces), the others (numbers) are never split."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[str]]
+    text: tuple[str, ...] = ("Model",)
+    compact: bool = False  # no frame: a rule under the header, columns 3 spaces apart
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(row: pd.Series, column: str, digits: int) -> str:
+    std = row.get(f"{column}_std", math.nan)
+    text = _fmt(row[column], digits)
+    return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
+# ------------------------------------------------------------------------------------ the answer first
+def header_lines(summary: Summary, names: Legend) -> list[str]:
+    seeds = sorted({len(g.runs) for g in summary.groups})
+    each = f"{_seeds(seeds[0])} each" if len(seeds) == 1 else "seeds per setting in the table"
+    lines = [f"{len(summary.runs)} runs, {len(summary.groups)} settings ({each}). "
+             f"Shared: {', '.join(names.shared)}."]
+    if names.by_recipe:
+        lines.append("By recipe: " + "; ".join(f"{recipe} = {', '.join(parts)}"
+                                               for recipe, parts in names.by_recipe.items()) + ".")
+    return lines
+
+
+def _accuracy_interval(row: pd.Series) -> str:
+    if row["runs"] < 2:
+        return "1 seed"
+    if row["test_acc_too_wide"]:
+        return f"too wide: {_seeds(row['runs'])}"
+    return f"± {row['test_acc_ci95']:.2f}"
+
+
+def final_view(summary: Summary, names: Legend) -> View:
+    """One row per setting: its final test accuracy, best first."""
+    finals = summary.finals.sort_values("test_acc", ascending=False, kind="stable")
+    several = finals["runs"].nunique() > 1
+    headers = ["Setting", "Epochs"] + (["Seeds"] if several else []) + ["Test acc %", "± 95%", "img/s"]
+    single = {m.model for m in summary.models.itertuples() if m.speed_from_epoch_1}
+    rows = []
+    for _, row in finals.iterrows():
+        epochs = str(row["epoch"]) if row["finished"] else f"{row['epoch']} of {row['length']}"
+        speed = _fmt(row["img_per_s"], 1) + ("*" if row["model"] in single else "")
+        rows.append([names.label(row["group"]), epochs] + ([str(row["runs"])] if several else [])
+                    + [f"{row['test_acc']:.2f}", _accuracy_interval(row), speed])
+    return View("Final test accuracy (last epoch of each setting), best first", headers, rows,
+                ("Setting", "± 95%"), compact=True)
+
+
+def _gap_interval(gap: pd.Series) -> str:
+    if math.isnan(gap["low"]):
+        return "1 seed"
+    if gap["too_wide"]:
+        return f"too wide: {seeds_text(gap['method'], gap['n_model'], gap['n_baseline']).split(' (')[0]}"
+    return f"{interval_text(gap['low'], gap['high'])} {SHORT_VERDICTS[gap['verdict']]}"
+
+
+def _ratio(gap: pd.Series) -> str:
+    if not math.isfinite(gap["ratio"]):
+        return "-"
+    word = "too wide" if gap["ratio_too_wide"] else SHORT_VERDICTS[gap["ratio_verdict"]]
+    return f"{gap['ratio']:.2f}x {word}".strip()
+
+
+def final_gap_view(summary: Summary, names: Legend) -> View | None:
+    if summary.final_gaps.empty:
+        return None
+    headers = ["Epochs", "First vs second", "Gap", "95% interval", "img/s ratio"]
+    rows = [[str(g["epoch"]), names.pair(g["model_index"], g["baseline_index"]), signed(g["gap"]),
+             _gap_interval(g), _ratio(g)] for _, g in summary.final_gaps.iterrows()]
+    return View("Gaps at the end of runs of equal length (first - second, test acc points)", headers, rows,
+                ("First vs second", "95% interval", "img/s ratio"), compact=True)
+
+
+def footer_lines(summary: Summary) -> list[str]:
+    lines = []
+    if not summary.final_gaps.empty:
+        lines.append(VERDICT_LEGEND)
+    elif len(summary.groups) > 1:
+        lines.append("No gaps: no two finished settings of equal length differ only in arch or only in recipe.")
+    star = " (* one epoch: warm-up included)" if summary.models["speed_from_epoch_1"].any() else ""
+    lines.append(f"img/s: {SPEED_NAME}{star}. --all: per-epoch tables, speed, every takeaway.")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ everything
+def result_view(results: pd.DataFrame) -> View:
+    headers = ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI", "Train loss", "Train time s (cumul.)"]
+    rows = [[r["model"], str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2), _fmt(r["test_acc_ci95"], 2),
+             _fmt(r.get("train_loss", math.nan), 4), _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
+            for _, r in results.iterrows()]
+    return View("Results", headers, rows)
+
+
+def other_accuracy_view(results: pd.DataFrame) -> View | None:
+    """Validation, EMA and TTA accuracies, when the runs recorded any: beside test_acc, never instead."""
+    present = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
+    if not present:
+        return None
+    headers = ["Model", "Epoch", "Seeds"] + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in present]
+    rows = [[r["model"], str(r["epoch"]), str(r["runs"])] + [_mean_std(r, c, 2) for c in present]
+            for _, r in results.iterrows()]
+    return View("Other accuracies", headers, rows)
+
+
+def model_view(models: pd.DataFrame) -> View:
+    headers = ["Model", "Params (M)", "GFLOPs / image", "Best test acc % (epoch)", "Epochs", "Seeds"]
+    rows = [[m["model"], _fmt(m["params"] / 1e6, 2), gflops_text(m["gflops"]),
+             f"{m['best_test_acc']:.2f} ({m['best_epoch']})", str(m["epochs"]), str(m["runs"])]
+            for _, m in models.iterrows()]
+    return View("Models", headers, rows)
+
+
+def speed_view(models: pd.DataFrame) -> View:
+    headers = ["Model", f"{SPEED_NAME.capitalize()} (mean ± std)", "± 95% CI", "Median it/s", "TFLOP/s achieved",
+               "Seeds"]
+    rows = [[m["model"], _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_from_epoch_1"] else ""),
+             _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
+             _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
+            for _, m in models.iterrows()]
+    return View("Speed", headers, rows)
+
+
+def _gap_cells(gap: pd.Series) -> list[str]:
+    seeds = seeds_text(gap["method"], gap["n_model"], gap["n_baseline"])
+    if gap["too_wide"]:
+        return ["too wide", seeds, stats.NOT_DISTINGUISHABLE]
+    return [interval_text(gap["low"], gap["high"]), seeds, gap["verdict"]]
+
+
+def gap_view(gaps: pd.DataFrame, title: str) -> View | None:
+    if gaps.empty:
+        return None
+    headers = ["Model - baseline", "Epoch", "Gap (points)", "95% interval", "Seeds", "Verdict"]
+    rows = [[f"{g['model']} - {g['baseline']}", str(g["epoch"]), signed(g["gap"]), *_gap_cells(g)]
+            for _, g in gaps.iterrows()]
+    return View(title, headers, rows, ("Model - baseline", "Seeds", "Verdict"))
+
+
+def answer_views(summary: Summary, names: Legend) -> list[View]:
+    return [v for v in (final_view(summary, names), final_gap_view(summary, names)) if v is not None]
+
+
+def detail_views(summary: Summary) -> list[View]:
+    shown = [result_view(summary.results), other_accuracy_view(summary.results), model_view(summary.models),
+             speed_view(summary.models), gap_view(summary.gaps, "Test accuracy gaps (like with like)"),
+             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy (same arch, setup and length)")]
+    return [view for view in shown if view is not None]
+
+
+# ------------------------------------------------------------------------------------------------ rich
+def _longest_word(texts: Iterable[str]) -> int:
+    return max([len(word) for text in texts for word in text.split()] + [1])
+
+
+def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
+    """Headers wrapped to their column, and column widths filling ``width``: number columns keep their
+    widest cell, text columns share the rest (the widest gives way first) but never split a word."""
+    headers, widths, flexible = [], [], []
+    for index, header in enumerate(view.headers):
+        cells = [row[index] for row in view.rows]
+        if header in view.text:
+            headers.append(header)
+            widths.append(max(len(c) for c in cells + [header]))
+            flexible.append(index)
+        else:
+            column = max([len(c) for c in cells] + [_longest_word([header]), min(6, len(header))])
+            headers.append("\n".join(textwrap.wrap(header, column, break_long_words=False)))
+            widths.append(column)
+    frame = 3 * (len(widths) - 1) if view.compact else 3 * len(widths) + 1
+    spare = width - frame - sum(widths)
+    floors = {i: _longest_word([view.headers[i]] + [row[i] for row in view.rows]) for i in flexible}
+    while spare < 0:
+        shrinkable = [i for i in flexible if widths[i] > floors[i]]
+        if not shrinkable:
+            break  # narrower than the words: the terminal wraps the lines, nothing is cut
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+        spare += 1
+    return headers, widths
+
+
+def _rich_table(view: View, width: int) -> Table:
+    headers, widths = fit_columns(view, width)
+    style = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if view.compact else {}
+    table = Table(title=escape(view.title), title_justify="left", **style)
+    for header, column_width, name in zip(headers, widths, view.headers):
+        table.add_column(escape(header), justify="left" if name in view.text else "right", width=column_width,
+                         overflow="fold")
+    for cells in view.rows:
+        table.add_row(*(escape(cell) for cell in cells))
+    return table
+
+
+def _print_lines(console: Console, lines: Iterable[str], bullet: str = "") -> None:
+    for line in lines:
+        console.print(escape(f"{bullet}{line}"), highlight=False)
+
+
+def render_rich(summary: Summary, console: Console, everything: bool = False) -> None:
+    names = legend(summary.groups)
+    _print_lines(console, header_lines(summary, names))
+    for view in answer_views(summary, names):
+        console.print(_rich_table(view, console.width), crop=False)
+    _print_lines(console, footer_lines(summary))
+    if not everything:
+        return
+    for view in detail_views(summary):
+        console.print(_rich_table(view, console.width), crop=False)
+    for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
+        console.print(title, style="bold")
+        _print_lines(console, lines, "- ")
+
+
+def render_table(summary: Summary, width: int, everything: bool = False) -> str:
+    console = Console(file=io.StringIO(), width=width, force_terminal=False, color_system=None)
+    render_rich(summary, console, everything)
+    return "".join(line.rstrip() + "\n" for line in console.file.getvalue().splitlines())
+
+
+# ---------------------------------------------------------------------------------------- markdown, csv
+def _markdown_table(view: View) -> str:
+    out = ["| " + " | ".join(view.headers) + " |", "|" + "|".join("---" for _ in view.headers) + "|"]
+    out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in view.rows]
+    return "\n".join(out)
+
+
+def render_markdown(summary: Summary) -> str:
+    names = legend(summary.groups)
+    parts = header_lines(summary, names) + [""]
+    for view in answer_views(summary, names):
+        parts += [f"## {view.title}", "", _markdown_table(view), ""]
+    parts += footer_lines(summary)[:1] + [""]
+    for view in detail_views(summary):
+        parts += [f"## {view.title}", "", _markdown_table(view), ""]
+    for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
+        parts += [f"## {title}", ""] + [f"- {line}" for line in lines] + [""]
+    return "\n".join(parts)
+
+
+def render_csv(summary: Summary) -> str:
+    """One row per group and epoch; group-level columns (size, steady-state speed) repeated on each."""
+    group_level = ["model", "params", "gflops"] + [c for c in summary.models.columns if c.startswith("median_")]
+    merged = summary.results.merge(summary.models[group_level], on="model", how="left")
+    return merged.to_csv(index=False)

@@ -1,0 +1,140 @@
+"""Step 3, in words: the takeaways and notes (every gap with its verdict, every ratio with its interval)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pandas as pd
+
+from cardinal import stats
+from cardinal.records import CONFIG_NAME, CSV_NAME
+from cardinal.summary.compare import recipe_pairs
+from cardinal.summary.group import Group, comparable_sets, differences
+from cardinal.summary.load import KNOB
+
+SPEED_NAME = "median img/s, epochs 2+"
+TOO_WIDE = "too wide"
+
+
+def seeds_text(method: str, n_model: int, n_baseline: int) -> str:
+    if method == "paired":
+        return f"paired, {n_model} seeds"
+    return f"{n_model} vs {n_baseline} seeds" + (" (Welch)" if method else "")
+
+
+def signed(value: float, digits: int = 2) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def gflops_text(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}" if value >= 1 else f"{value:.3g}"
+
+
+def interval_text(low: float, high: float, digits: int = 2, signed_: bool = True) -> str:
+    if math.isnan(low):
+        return "-"
+    show = signed if signed_ else (lambda v, d=digits: f"{v:.{d}f}")
+    return f"[{show(low, digits)}, {show(high, digits)}]"
+
+
+def speed_lines(ratios: pd.DataFrame) -> list[str]:
+    """Each pair's speed ratio; a ratio that cannot be formed (no positive speed on a side) is left out."""
+    lines = []
+    for r in ratios.itertuples():
+        if not math.isfinite(r.ratio):
+            continue
+        runs = f"{r.n_model} vs {r.n_baseline} runs"
+        if math.isnan(r.low):
+            interval = f" ({stats.ONE_SEED})"
+        elif r.too_wide:
+            interval = f"; its 95% interval is {TOO_WIDE} to mean anything ({runs})"
+        else:
+            interval = f", 95% interval {interval_text(r.low, r.high, 3, signed_=False)}x ({runs}): {r.verdict}"
+        per_flop = (f"; per FLOP it runs at {r.per_flop_ratio:.2f}x ({gflops_text(r.model_gflops)} vs "
+                    f"{gflops_text(r.baseline_gflops)} GFLOPs/image, {r.model_tflop_per_s:.3f} vs "
+                    f"{r.baseline_tflop_per_s:.3f} TFLOP/s achieved)" if math.isfinite(r.per_flop_ratio) else "")
+        lines.append(f"{r.model} trains at {r.ratio:.3f}x the speed of {r.baseline} ({SPEED_NAME}){interval}"
+                     f"{per_flop}.")
+    return lines
+
+
+def gap_line(r: Any) -> str:
+    """One accuracy gap in words, never without its verdict."""
+    head = (f"At epoch {r.epoch}, {r.model} is {signed(r.gap)} points of test accuracy against {r.baseline} "
+            f"({r.model_value:.2f}% vs {r.baseline_value:.2f}%")
+    if math.isnan(r.low):
+        return f"{head}; {seeds_text('', r.n_model, r.n_baseline)}): {r.verdict}."
+    if r.too_wide:
+        return (f"{head}; {seeds_text(r.method, r.n_model, r.n_baseline)}): its 95% interval is {TOO_WIDE} to "
+                f"mean anything, {stats.NOT_DISTINGUISHABLE}.")
+    return (f"{head}), 95% interval {interval_text(r.low, r.high)} "
+            f"({seeds_text(r.method, r.n_model, r.n_baseline)}): {r.verdict}.")
+
+
+def not_compared_lines(groups: list[Group]) -> list[str]:
+    """One line per pair of condition sets: who is not compared with whom, and what differs."""
+    lines = []
+    pairs = recipe_pairs(groups)
+    for first, second in itertools.combinations(comparable_sets(groups), 2):
+        what = "; ".join(differences(second[0], first[0]))
+        recipes_only = any({id(model), id(baseline)} <= {id(g) for g in first + second}
+                           for model, baseline in pairs)
+        lead = "Compared only arch by arch, as recipe gaps" if recipes_only else "Not compared"
+        lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
+                     f"({what}).")
+    return lines
+
+
+def best_epoch_lines(models: pd.DataFrame) -> list[str]:
+    lines = []
+    for m in models.itertuples():
+        status = f", {m.incomplete} run(s) not finished" if m.incomplete else ""
+        lines.append(f"{m.model}: best mean test accuracy {m.best_test_acc:.2f}% at epoch {m.best_epoch} of "
+                     f"{m.epochs} ({m.runs} seed(s): {m.seeds}{status}).")
+    return lines
+
+
+def last_gap_lines(gaps: pd.DataFrame) -> list[str]:
+    """Each pair's gap at the last epoch both reached."""
+    if gaps.empty:
+        return []
+    last = gaps.loc[gaps.groupby(["model", "baseline"], sort=False)["epoch"].idxmax()]
+    return [gap_line(r) for r in last.itertuples()]
+
+
+def takeaways(groups: list[Group], models: pd.DataFrame, gaps: pd.DataFrame, ratios: pd.DataFrame,
+              recipes: pd.DataFrame) -> list[str]:
+    """Statements computed from the data: speed ratios, the model and recipe gaps at the last shared
+    epoch, which models could not be compared, and best epochs."""
+    lines = speed_lines(ratios) + last_gap_lines(gaps) + last_gap_lines(recipes)
+    lines += not_compared_lines(groups)
+    return lines + best_epoch_lines(models)
+
+
+def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
+    """How the numbers were made: re-runs set aside, unresolved recipes, the speed definition."""
+    lines = []
+    for group in groups:
+        for seed in dict.fromkeys(r.seed for r in group.dropped):
+            kept = next(r for r in group.runs if r.seed == seed)
+            dropped = [str(r.folder) for r in group.dropped if r.seed == seed]
+            why = "newest complete" if kept.complete else "newest; none finished"
+            lines.append(f"Seed {seed} of {group.label} was run {len(dropped) + 1} times and counts once: kept "
+                         f"{kept.folder} ({why}), not counted: {', '.join(dropped)}.")
+    unresolved = [str(r.folder) for g in groups for r in g.runs + g.dropped if not r.recipe_resolved]
+    if unresolved:
+        lines.append(f"The recipe could not be resolved for {len(unresolved)} run(s) without {CONFIG_NAME} "
+                     f"({', '.join(unresolved)}): they are grouped by recipe name only.")
+    lines.append(f"Speed ({SPEED_NAME}) is the median over epochs 2..N of each run (the first epoch holds "
+                 "warm-up and compilation), then mean ± std over seeds; the per-epoch values stay in each "
+                 f"{CSV_NAME}.")
+    single = [m.model for m in models.itertuples() if m.speed_from_epoch_1]
+    if single:
+        lines.append(f"Runs with a single epoch take their speed from epoch 1, warm-up included: {', '.join(single)}.")
+    recipes = {tuple((k, v) for k, v in g.conditions if k == "recipe" or k.startswith(KNOB)) for g in groups}
+    if len(recipes) > 1:
+        lines.append("Train loss depends on the recipe (augmentation, label smoothing): read it within one "
+                     "recipe only; it is never compared across recipes here.")
+    return lines
