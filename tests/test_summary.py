@@ -40,7 +40,7 @@ def write_run(folder, arch, seed, accs, *, recipe="seed", overrides=None, planne
     for epoch, (acc, speed) in enumerate(zip(accs, speeds), 1):
         train_time = train_images / speed
         row = dict.fromkeys(COLUMNS)
-        row.update(epoch=epoch, train_loss=2.0 / epoch, train_acc=acc - 3.0, test_loss=1.8 / epoch, test_acc=acc,
+        row.update(epoch=epoch, train_loss=2.0 / epoch, train_acc=max(acc - 3.0, 0.0), test_loss=1.8 / epoch, test_acc=acc,
                    lr=knobs.lr, epoch_time_s=train_time + 0.5, train_time_s=train_time, eval_time_s=0.5,
                    steps=train_images // knobs.batch_size, it_per_s=train_images / knobs.batch_size / train_time,
                    img_per_s=speed, train_tflop_per_s=speed * 3 * 0.02 / 1000, peak_mem_mb=0.0,
@@ -269,7 +269,7 @@ def test_every_gap_in_the_output_carries_a_verdict(tmp_path, capsys):
                                             "one seed: no verdict", "one seed: no verdict"]
     words = (stats.SIGNIFICANT, stats.NOT_DISTINGUISHABLE, stats.ONE_SEED)
     for form in ("markdown", "table"):
-        code, out, _ = _summary([tmp_path, "--format", form], capsys)
+        code, out, _ = _summary([tmp_path, "--format", form, "--all"], capsys)
         takeaways = " ".join(out.split("Takeaways", 1)[1].split())  # undo the terminal's line wrapping
         gap_sentences = takeaways.split("At epoch ")[1:]
         assert code == 0 and len(gap_sentences) == 3 and "95%" in out
@@ -312,7 +312,7 @@ def test_recipes_of_one_arch_and_setup_are_compared_with_the_reference_as_baseli
     across = [line for line in result.takeaways if line.startswith("Compared only arch by arch, as recipe gaps: ")]
     assert len(across) == 1 and "recipe seed vs fast" in across[0]
     code, out, _ = _summary([tmp_path, "--format", "markdown"], capsys)
-    assert code == 0 and "## Recipe gaps in test accuracy (same arch and setup)" in out
+    assert code == 0 and "## Recipe gaps in test accuracy (same arch, setup and length)" in out
 
 
 @pytest.mark.parametrize("change", [{"precision": "bf16"}, {"train_images": 1024}, {"world_size": 2}])
@@ -394,7 +394,7 @@ def test_runs_of_different_lengths_and_unfinished(tmp_path):
 # ---------------------------------------------------------------------------------------------- views
 def test_table_fits_80_columns_and_keeps_numbers_whole(mixed, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
-    code, out, _ = _summary([mixed], capsys)
+    code, out, _ = _summary([mixed, "--all"], capsys)
     assert code == 0
     assert max(len(line) for line in out.splitlines()) <= 80
     result = summary.summarize([mixed])
@@ -410,7 +410,7 @@ def test_all_optional_accuracies_still_fit_80_columns(tmp_path, capsys, monkeypa
     for seed in (0, 1):
         write_run(tmp_path / f"s{seed}", "tiny_resnext", seed, [40.0], extra={
             "val_acc": [41.0], "test_acc_ema": [42.0], "test_acc_tta": [43.0], "val_loss": [1.0]})
-    code, out, _ = _summary([tmp_path], capsys)
+    code, out, _ = _summary([tmp_path, "--all"], capsys)
     assert code == 0 and max(len(line) for line in out.splitlines()) <= 80
     assert "Other accuracies" in out and "43.00 ± 0.00" in out
 
@@ -425,7 +425,7 @@ def test_narrow_terminal_wraps_but_never_cuts_numbers(mixed, capsys, monkeypatch
 def test_markdown_parses_into_tables(mixed, capsys, tmp_path):
     code, out, _ = _summary([mixed, "--format", "markdown", "--output", tmp_path / "s.md"], capsys)
     assert code == 0 and (tmp_path / "s.md").read_text() == out
-    results = [line for line in out.split("## Models")[0].splitlines() if line.startswith("|")]
+    results = [line for line in out.split("## Results")[1].split("## Models")[0].splitlines() if line.startswith("|")]
     header = [c.strip() for c in results[0].strip("|").split("|")]
     assert header[:5] == ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI"]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in results[2:]]

@@ -229,12 +229,6 @@ def _check_identity(frame: pd.DataFrame) -> None:
 
 def _seed(frame: pd.DataFrame) -> int:
     seed = _plain(frame["seed"].iloc[0])
-    if isinstance(seed, str):
-        try:
-            seed = float(seed)
-        except ValueError:
-            pass
-        seed = _plain(seed)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise Unusable(f"seed {seed!r} is not a whole number from 0 to {MAX_SEED}")
     return seed

@@ -62,7 +62,8 @@ def _seeds(n: int) -> str:
 def header_lines(summary: Summary, names: Legend) -> list[str]:
     seeds = sorted({len(g.runs) for g in summary.groups})
     each = f"{_seeds(seeds[0])} each" if len(seeds) == 1 else "seeds per setting in the table"
-    lines = [f"{len(summary.runs)} runs, {len(summary.groups)} settings ({each}). "
+    settings = f"{len(summary.groups)} setting" + ("" if len(summary.groups) == 1 else "s")
+    lines = [f"{len(summary.runs)} run{'' if len(summary.runs) == 1 else 's'}, {settings} ({each}). "
              f"Shared: {', '.join(names.shared)}."]
     if names.by_recipe:
         lines.append("By recipe: " + "; ".join(f"{recipe} = {', '.join(parts)}"
@@ -119,14 +120,15 @@ def final_gap_view(summary: Summary, names: Legend) -> View | None:
                 ("First vs second", "95% interval", "img/s ratio"), compact=True)
 
 
-def footer_lines(summary: Summary) -> list[str]:
+def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     lines = []
     if not summary.final_gaps.empty:
         lines.append(VERDICT_LEGEND)
     elif len(summary.groups) > 1:
         lines.append("No gaps: no two finished settings of equal length differ only in arch or only in recipe.")
     star = " (* one epoch: warm-up included)" if summary.models["speed_from_epoch_1"].any() else ""
-    lines.append(f"img/s: {SPEED_NAME}{star}. --all: per-epoch tables, speed, every takeaway.")
+    lines.append(f"img/s: the median over epochs 2+ of each run, mean over seeds{star}."
+                 + (" --all: per-epoch tables, speed, every takeaway." if hint else ""))
     return lines
 
 
@@ -277,7 +279,7 @@ def render_markdown(summary: Summary) -> str:
     parts = header_lines(summary, names) + [""]
     for view in answer_views(summary, names):
         parts += [f"## {view.title}", "", _markdown_table(view), ""]
-    parts += footer_lines(summary)[:1] + [""]
+    parts += footer_lines(summary, hint=False) + [""]
     for view in detail_views(summary):
         parts += [f"## {view.title}", "", _markdown_table(view), ""]
     for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
