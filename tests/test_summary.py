@@ -40,7 +40,8 @@ def write_run(folder, arch, seed, accs, *, recipe="seed", overrides=None, planne
     for epoch, (acc, speed) in enumerate(zip(accs, speeds), 1):
         train_time = train_images / speed
         row = dict.fromkeys(COLUMNS)
-        row.update(epoch=epoch, train_loss=2.0 / epoch, train_acc=max(acc - 3.0, 0.0), test_loss=1.8 / epoch, test_acc=acc,
+        row.update(epoch=epoch, train_loss=2.0 / epoch, train_acc=max(acc - 3.0, 0.0), test_loss=1.8 / epoch,
+                   test_acc=acc,
                    lr=knobs.lr, epoch_time_s=train_time + 0.5, train_time_s=train_time, eval_time_s=0.5,
                    steps=train_images // knobs.batch_size, it_per_s=train_images / knobs.batch_size / train_time,
                    img_per_s=speed, train_tflop_per_s=speed * 3 * 0.02 / 1000, peak_mem_mb=0.0,

@@ -124,7 +124,7 @@ def read_bytes(path: Path, limit: int) -> bytes:
         if not stat.S_ISREG(before.st_mode):
             raise Unusable("not a regular file (a FIFO, device or socket is never opened)")
         if before.st_size > limit:
-            raise Unusable(f"larger than {limit // 2**20} MiB ({before.st_size:,} bytes)")
+            raise Unusable(f"{before.st_size:,} bytes, more than the {limit:,} read at most")
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         with os.fdopen(descriptor, "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # swapped after the check
@@ -133,7 +133,7 @@ def read_bytes(path: Path, limit: int) -> bytes:
     except OSError as error:
         raise Unusable(f"cannot read it: {error.strerror or error}") from None
     if len(data) > limit:
-        raise Unusable(f"larger than {limit // 2**20} MiB")
+        raise Unusable(f"more than the {limit:,} bytes read at most")
     return data
 
 

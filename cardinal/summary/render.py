@@ -204,18 +204,16 @@ def _longest_word(texts: Iterable[str]) -> int:
 
 def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
     """Headers wrapped to their column, and column widths filling ``width``: number columns keep their
-    widest cell, text columns share the rest (the widest gives way first) but never split a word."""
-    headers, widths, flexible = [], [], []
+    widest cell (and their header on one line while there is room), text columns share the rest (the
+    widest gives way first) but never split a word."""
+    widths, flexible = [], []
     for index, header in enumerate(view.headers):
         cells = [row[index] for row in view.rows]
         if header in view.text:
-            headers.append(header)
             widths.append(max(len(c) for c in cells + [header]))
             flexible.append(index)
         else:
-            column = max([len(c) for c in cells] + [_longest_word([header]), min(6, len(header))])
-            headers.append("\n".join(textwrap.wrap(header, column, break_long_words=False)))
-            widths.append(column)
+            widths.append(max([len(c) for c in cells] + [_longest_word([header]), min(6, len(header))]))
     frame = 3 * (len(widths) - 1) if view.compact else 3 * len(widths) + 1
     spare = width - frame - sum(widths)
     floors = {i: _longest_word([view.headers[i]] + [row[i] for row in view.rows]) for i in flexible}
@@ -226,19 +224,31 @@ def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
         widest = max(shrinkable, key=lambda i: widths[i])
         widths[widest] -= 1
         spare += 1
+    for index, header in enumerate(view.headers):
+        if index not in flexible and 0 < len(header) - widths[index] <= spare:
+            spare -= len(header) - widths[index]
+            widths[index] = len(header)
+    headers = [header if index in flexible else "\n".join(textwrap.wrap(header, widths[index],
+                                                                         break_long_words=False))
+               for index, header in enumerate(view.headers)]
     return headers, widths
 
 
 def _rich_table(view: View, width: int) -> Table:
     headers, widths = fit_columns(view, width)
     style = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if view.compact else {}
-    table = Table(title=escape(view.title), title_justify="left", **style)
+    table = Table(**style)
     for header, column_width, name in zip(headers, widths, view.headers):
         table.add_column(escape(header), justify="left" if name in view.text else "right", width=column_width,
                          overflow="fold")
     for cells in view.rows:
         table.add_row(*(escape(cell) for cell in cells))
     return table
+
+
+def _print_table(console: Console, view: View) -> None:
+    console.print(escape(view.title), highlight=False)  # a line of its own: a title above a table wraps to it
+    console.print(_rich_table(view, console.width), crop=False)
 
 
 def _print_lines(console: Console, lines: Iterable[str], bullet: str = "") -> None:
@@ -250,12 +260,12 @@ def render_rich(summary: Summary, console: Console, everything: bool = False) ->
     names = legend(summary.groups)
     _print_lines(console, header_lines(summary, names))
     for view in answer_views(summary, names):
-        console.print(_rich_table(view, console.width), crop=False)
-    _print_lines(console, footer_lines(summary))
+        _print_table(console, view)
+    _print_lines(console, footer_lines(summary, hint=not everything))
     if not everything:
         return
     for view in detail_views(summary):
-        console.print(_rich_table(view, console.width), crop=False)
+        _print_table(console, view)
     for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
         console.print(title, style="bold")
         _print_lines(console, lines, "- ")
