@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from cardinal.summary import Summary
 
 SHORT_VERDICTS = {stats.SIGNIFICANT: "sig.", stats.NOT_DISTINGUISHABLE: "n.s.", stats.ONE_SEED: ""}
-VERDICT_LEGEND = ("sig. / n.s.: the 95% interval of the gap excludes / contains 0; with one seed a side there "
-                  "is no verdict.")
 OPTIONAL_ACCURACY_TITLES = {"val_acc": "Val acc %", "test_acc_ema": "EMA test acc %", "test_acc_tta": "TTA test acc %"}
 
 
@@ -59,12 +57,8 @@ def _seeds(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ the answer first
-def header_lines(summary: Summary, names: Legend) -> list[str]:
-    seeds = sorted({len(g.runs) for g in summary.groups})
-    each = f"{_seeds(seeds[0])} each" if len(seeds) == 1 else "seeds per setting in the table"
-    settings = f"{len(summary.groups)} setting" + ("" if len(summary.groups) == 1 else "s")
-    lines = [f"{len(summary.runs)} run{'' if len(summary.runs) == 1 else 's'}, {settings} ({each}). "
-             f"Shared: {', '.join(names.shared)}."]
+def header_lines(names: Legend) -> list[str]:
+    lines = [f"Shared: {', '.join(names.shared)}."] if names.shared else []
     if names.by_recipe:
         lines.append("By recipe: " + "; ".join(f"{recipe} = {', '.join(parts)}"
                                                for recipe, parts in names.by_recipe.items()) + ".")
@@ -83,7 +77,7 @@ def final_view(summary: Summary, names: Legend) -> View:
     """One row per setting: its final test accuracy, best first."""
     finals = summary.finals.sort_values("test_acc", ascending=False, kind="stable")
     several = finals["runs"].nunique() > 1
-    headers = ["Setting", "Epochs"] + (["Seeds"] if several else []) + ["Test acc %", "± 95%", "img/s"]
+    headers = ["Setting", "Epochs"] + (["Seeds"] if several else []) + ["Acc %", "± 95%", "img/s"]
     single = {m.model for m in summary.models.itertuples() if m.speed_from_epoch_1}
     rows = []
     for _, row in finals.iterrows():
@@ -91,8 +85,11 @@ def final_view(summary: Summary, names: Legend) -> View:
         speed = _fmt(row["img_per_s"], 1) + ("*" if row["model"] in single else "")
         rows.append([names.label(row["group"]), epochs] + ([str(row["runs"])] if several else [])
                     + [f"{row['test_acc']:.2f}", _accuracy_interval(row), speed])
-    return View("Final test accuracy (last epoch of each setting), best first", headers, rows,
-                ("Setting", "± 95%"), compact=True)
+    runs, settings = len(summary.runs), len(summary.groups)
+    each = "" if several else f", {_seeds(int(finals['runs'].iloc[0]))} each"
+    title = (f"Final test accuracy, best first ({runs} run{'s' if runs > 1 else ''} in {settings} "
+             f"setting{'s' if settings > 1 else ''}{each})")
+    return View(title, headers, rows, ("Setting", "± 95%"), compact=True)
 
 
 def _gap_interval(gap: pd.Series) -> str:
@@ -113,23 +110,24 @@ def _ratio(gap: pd.Series) -> str:
 def final_gap_view(summary: Summary, names: Legend) -> View | None:
     if summary.final_gaps.empty:
         return None
-    headers = ["Epochs", "First vs second", "Gap", "95% interval", "img/s ratio"]
+    headers = ["Epochs", "First vs second", "Gap", "95% interval", "img/s"]
     rows = [[str(g["epoch"]), names.pair(g["model_index"], g["baseline_index"]), signed(g["gap"]),
              _gap_interval(g), _ratio(g)] for _, g in summary.final_gaps.iterrows()]
-    return View("Gaps at the end of runs of equal length (first - second, test acc points)", headers, rows,
-                ("First vs second", "95% interval", "img/s ratio"), compact=True)
+    return View("Gaps at the end of runs of equal length (first - second; img/s as a ratio)", headers, rows,
+                ("First vs second", "95% interval", "img/s"), compact=True)
 
 
 def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
-    lines = []
+    words = []
     if not summary.final_gaps.empty:
-        lines.append(VERDICT_LEGEND)
+        words.append("sig./n.s.: the 95% interval excludes/contains 0; 1 seed: no verdict.")
     elif len(summary.groups) > 1:
-        lines.append("No gaps: no two finished settings of equal length differ only in arch or only in recipe.")
-    star = " (* one epoch: warm-up included)" if summary.models["speed_from_epoch_1"].any() else ""
-    lines.append(f"img/s: the median over epochs 2+ of each run, mean over seeds{star}."
-                 + (" --all: per-epoch tables, speed, every takeaway." if hint else ""))
-    return lines
+        words.append("No gaps: no two finished settings of equal length differ only in arch or in recipe.")
+    star = " (*: epoch 1 only)" if summary.models["speed_from_epoch_1"].any() else ""
+    words.append(f"img/s: median of epochs 2+{star}, mean over seeds.")
+    if hint:
+        words.append("--all: every table.")
+    return [" ".join(words)]
 
 
 # ------------------------------------------------------------------------------------------ everything
@@ -258,7 +256,7 @@ def _print_lines(console: Console, lines: Iterable[str], bullet: str = "") -> No
 
 def render_rich(summary: Summary, console: Console, everything: bool = False) -> None:
     names = legend(summary.groups)
-    _print_lines(console, header_lines(summary, names))
+    _print_lines(console, header_lines(names))
     for view in answer_views(summary, names):
         _print_table(console, view)
     _print_lines(console, footer_lines(summary, hint=not everything))
@@ -286,7 +284,7 @@ def _markdown_table(view: View) -> str:
 
 def render_markdown(summary: Summary) -> str:
     names = legend(summary.groups)
-    parts = header_lines(summary, names) + [""]
+    parts = header_lines(names) + [""]
     for view in answer_views(summary, names):
         parts += [f"## {view.title}", "", _markdown_table(view), ""]
     parts += footer_lines(summary, hint=False) + [""]

@@ -1,0 +1,136 @@
+"""The summary's default view of a sweep: final accuracy per setting first, gaps only at the end of runs of
+equal length, short labels, 80 columns and one screen; intervals too wide to mean anything are said so."""
+
+import re
+import sys
+
+import pytest
+from test_summary import write_run
+
+from cardinal import summary
+from cardinal.cli import run
+from cardinal.summary.render import render_table
+
+FAST = {"recipe": "fast", "precision": "bf16", "channels_last": True, "device": "NVIDIA H200"}
+SEED = {"device": "NVIDIA H200"}
+
+
+def _curve(final, epochs):
+    return [final * (e + 1) / (epochs + 1) for e in range(1, epochs)] + [final]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Like a real sweep: two archs under the reference recipe (3 seeds, 10 epochs), and the fast recipe at
+    1, 3 and 10 epochs with several batches and LRs (one seed each)."""
+    for seed in range(3):
+        write_run(tmp_path / f"seed-r50-{seed}", "resnet50", seed, _curve(74.2 + seed * 0.3, 10), **SEED)
+        write_run(tmp_path / f"seed-rx50-{seed}", "resnext50_32x4d", seed, _curve(73.8 + seed * 0.4, 10),
+                  img_per_s=[500.0] + [700.0 + seed] * 9, **SEED)
+    fast = [("fast-r50-e1", "resnet50", 1, 32, 0.1, 40.5), ("fast-r50-e3", "resnet50", 3, 32, 0.1, 55.8),
+            ("fast-rx50-e3", "resnext50_32x4d", 3, 32, 0.1, 58.0),
+            ("fast-r50-e10-b256", "resnet50", 10, 256, 1.6, 82.6),
+            ("fast-r50-e10-b512", "resnet50", 10, 512, 0.4, 84.4)]
+    for name, arch, epochs, batch, lr, final in fast:
+        write_run(tmp_path / name, arch, 0, _curve(final, epochs), overrides={"batch_size": batch, "lr": lr},
+                  **FAST)
+    return tmp_path
+
+
+def _summary(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(summary.main, [str(a) for a in argv])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def _words(text):
+    return {word for word in text.split() if not set(word) <= set("─━│┃")}
+
+
+def test_sweep_answer_fits_80_columns_and_one_screen(sweep, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = _summary([sweep], capsys)
+    lines = out.splitlines()
+    assert code == 0 and err == ""
+    assert max(len(line) for line in lines) <= 80 and len(lines) <= 24
+    wide = render_table(summary.summarize([sweep]), 400)
+    assert _words(out) <= _words(wide)  # lines wrap between words, never inside one
+    assert "Final test accuracy" in lines[2] or "Final test accuracy" in lines[3]
+    assert any(line.startswith("Gaps at the end") for line in lines)
+
+
+def test_final_rows_are_sorted_and_labelled_by_what_differs(sweep):
+    result = summary.summarize([sweep])
+    text = render_table(result, 120)
+    lines = text.splitlines()
+    assert lines[0].startswith("Shared: synthetic") and text.count("NVIDIA H200") == 1  # said once
+    assert "By recipe: fast = bf16, channels_last; seed = fp32, NCHW, batch 128." in text
+    start = next(i for i, line in enumerate(lines) if line.startswith("Setting")) + 2
+    rows = lines[start:start + 7]
+    accuracies = [float(re.split(r"\s{2,}", row)[3]) for row in rows]
+    assert accuracies == sorted(accuracies, reverse=True) and accuracies[0] == pytest.approx(84.4)
+    labels = [re.split(r"\s{2,}", row)[0] for row in rows]
+    assert "resnet50 (seed)" in labels and "resnet50 (fast, lr=0.4, batch 512)" in labels
+    assert not any("bf16" in label or "H200" in label or "epochs" in label for label in labels)
+    seed_row = next(row for row in rows if row.startswith("resnet50 (seed)"))
+    assert re.split(r"\s{2,}", seed_row)[1:3] == ["10", "3"]  # epochs, seeds
+    assert "± " in seed_row and "1 seed" in rows[0]
+
+
+def test_gaps_compare_only_the_ends_of_runs_of_equal_length(sweep):
+    result = summary.summarize([sweep])
+    groups = result.groups
+    gaps = result.final_gaps
+    pairs = {(groups[m].label, groups[b].label, e) for m, b, e in
+             zip(gaps["model_index"], gaps["baseline_index"], gaps["epoch"])}
+    for m, b in zip(gaps["model_index"], gaps["baseline_index"]):
+        assert groups[m].length == groups[b].length
+    assert list(gaps["epoch"]) == [10, 10, 3]
+    assert sorted(gaps["kind"]) == ["arch", "arch", "recipe"]
+    assert not any("epochs=1," in m or "epochs=1," in b for m, b, _ in pairs)
+    recipe = gaps[gaps["kind"] == "recipe"].iloc[0]
+    assert recipe["gap"] == pytest.approx(84.4 - 82.6)
+    for model, baseline in summary.recipe_pairs(groups):  # the per-epoch recipe gaps (--all) follow the rule
+        assert model.length == baseline.length
+    assert not any(line.startswith("At epoch 1, resnet50 (fast, epochs=10") for line in result.takeaways)
+
+
+def test_unfinished_setting_shows_how_far_it_got_and_gets_no_final_gap(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"a{seed}", "tiny_resnet", seed, [40.0, 50.0, 60.0])
+        write_run(tmp_path / f"b{seed}", "tiny_resnext", seed, [41.0, 52.0], planned=3)
+    result = summary.summarize([tmp_path])
+    assert result.final_gaps.empty
+    text = render_table(result, 80)
+    assert re.search(r"tiny_resnext\s+2 of 3\s", text) and "No gaps" in text
+
+
+def test_intervals_too_wide_to_mean_anything_are_said_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    for seed, (acc, speed) in enumerate(((10.0, 20.0), (90.0, 9000.0))):
+        write_run(tmp_path / f"a{seed}", "tiny_resnet", seed, [5.0, acc], img_per_s=[10.0, speed])
+        write_run(tmp_path / f"b{seed}", "tiny_resnext", seed, [5.0, 50.0 + seed], img_per_s=[10.0, 500.0 + seed])
+    result = summary.summarize([tmp_path])
+    (speed,) = result.speeds.itertuples()
+    assert speed.low < 0.01 and speed.high > 10 and speed.too_wide  # [0.0x, 23x]: says nothing
+    code, out, _ = _summary([tmp_path, "--all"], capsys)
+    assert code == 0 and "too wide: 2 seeds" in out and "too wide" in out.split("Final test")[1]
+    flat = " ".join(out.split())
+    assert "its 95% interval is too wide to mean anything (2 vs 2 runs)" in flat
+    assert not re.search(r"\[0\.0+, ", out)  # no interval starting at a rounded zero
+    assert "its 95% interval is too wide to mean anything, not distinguishable at 95%" in flat
+
+
+def test_plot_without_matplotlib_fails_before_printing_anything(tmp_path, capsys, monkeypatch):
+    write_run(tmp_path / "r", "tiny_resnet", 0, [50.0])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    code, out, err = _summary([tmp_path, "--plot", tmp_path / "p.png"], capsys)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and "cardinal[plot]" in err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_help_documents_all(capsys):
+    code, out, _ = _summary(["--help"], capsys)
+    assert code == 0 and "--all" in " ".join(out.split()) and "per-epoch results" in " ".join(out.split())
