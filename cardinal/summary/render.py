@@ -232,7 +232,8 @@ def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
     return headers, widths
 
 
-def _rich_table(view: View, width: int) -> Table:
+def _rich_table(view: View, width: int) -> tuple[Table, int]:
+    """The table and the width it needs (more than ``width`` only where a word or number is wider)."""
     headers, widths = fit_columns(view, width)
     style = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if view.compact else {}
     table = Table(**style)
@@ -241,12 +242,16 @@ def _rich_table(view: View, width: int) -> Table:
                          overflow="fold")
     for cells in view.rows:
         table.add_row(*(escape(cell) for cell in cells))
-    return table
+    frame = 3 * (len(widths) - 1) if view.compact else 3 * len(widths) + 1
+    return table, sum(widths) + frame
 
 
 def _print_table(console: Console, view: View) -> None:
     console.print(escape(view.title), highlight=False)  # a line of its own: a title above a table wraps to it
-    console.print(_rich_table(view, console.width), crop=False)
+    table, needed = _rich_table(view, console.width)
+    if needed > console.width:  # rich would squeeze every column and cut numbers: let the terminal wrap
+        console = Console(file=console.file, width=needed, force_terminal=False, color_system=None)
+    console.print(table, crop=False)
 
 
 def _print_lines(console: Console, lines: Iterable[str], bullet: str = "") -> None:
