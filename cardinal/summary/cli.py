@@ -17,7 +17,7 @@ from cardinal.summary.render import render_csv, render_markdown, render_table
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m cardinal.summary",
-        description="Compare runs: final test accuracy per setting (mean and 95%% interval over seeds), "
+        description="Compare runs: final test accuracy per setting (mean and 95% interval over seeds), "
                     "steady-state img/s, and the gaps between settings that differ only in arch or only in "
                     "recipe, at the end of runs of equal length. Files whose values fall outside their "
                     "meaning are skipped with one line each on stderr.")

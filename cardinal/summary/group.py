@@ -247,7 +247,7 @@ def legend(groups: list[Group]) -> Legend:
     parts: list[list[tuple[str, str]]] = [[] for _ in groups]
     recipes = list(dict.fromkeys(g.recipe_name for g in groups))
     for name, words in (("arch", lambda g: g.arch), ("recipe", lambda g: g.recipe_name)):
-        if len({words(g) for g in groups}) > 1:
+        if len({words(g) for g in groups}) > 1 or (name == "arch" and len(groups) == 1):
             for index, group in enumerate(groups):
                 parts[index].append((name, words(group)))
         else:

@@ -27,6 +27,11 @@ def require_matplotlib() -> None:
     pyplot()
 
 
+def literal(text: str) -> str:
+    """Text from the runs as written: a '$' would start matplotlib's math mode."""
+    return text.replace("$", r"\$")
+
+
 def accuracy_curve(group: Group) -> pd.DataFrame:
     """Per epoch: mean and std of test accuracy over seeds, and the mean cumulative training time."""
     frame = pd.concat([r.frame[["epoch", "test_acc", CUMULATIVE_TIME]] for r in group.runs])
@@ -63,7 +68,7 @@ def _draw_speed(axis, models: pd.DataFrame, colors) -> None:
     labels = [f"{m:,.1f}" + (f" ± {s:,.1f}" if s else "") + (" (epoch 1)" if one else "")
               for m, s, one in zip(means, stds, models["speed_from_epoch_1"])]
     axis.bar_label(bars, labels=labels, padding=6)
-    axis.set_yticks(positions, [textwrap.fill(m, 28) for m in models["model"]])
+    axis.set_yticks(positions, [literal(textwrap.fill(m, 28)) for m in models["model"]])
     axis.set_xlim(0, float((means + stds).max()) * 1.45)
     axis.set(title=f"Training speed ({SPEED_NAME})", xlabel="img/s (mean ± std over seeds)")
 
@@ -79,7 +84,7 @@ def plot(summary: Summary, path: Path) -> None:
                                                       gridspec_kw={"width_ratios": [1, 1, 1.2]})
     colors = plt.get_cmap("tab10")
     for index, (group, curve) in enumerate(zip(summary.groups, curves)):
-        label = f"{group.label} (n={len(group.runs)})"
+        label = literal(f"{group.label} (n={len(group.runs)})")
         _draw_accuracy(by_epoch, curve.index.to_numpy(), curve, colors(index % 10), label)
         _draw_accuracy(by_time, curve["time"].to_numpy() / scale, curve, colors(index % 10), None)
     last = max(int(c.index.max()) for c in curves)

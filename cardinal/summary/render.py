@@ -87,8 +87,10 @@ def final_view(summary: Summary, names: Legend) -> View:
                     + [f"{row['test_acc']:.2f}", _accuracy_interval(row), speed])
     runs, settings = len(summary.runs), len(summary.groups)
     each = "" if several else f", {_seeds(int(finals['runs'].iloc[0]))} each"
+    dropped = sum(len(g.dropped) for g in summary.groups)
+    rerun = f"; {dropped} re-run{'s' if dropped > 1 else ''} not counted" if dropped else ""
     title = (f"Final test accuracy, best first ({runs} run{'s' if runs > 1 else ''} in {settings} "
-             f"setting{'s' if settings > 1 else ''}{each})")
+             f"setting{'s' if settings > 1 else ''}{each}{rerun})")
     return View(title, headers, rows, ("Setting", "± 95%"), compact=True)
 
 
