@@ -316,7 +316,7 @@ def test_recipes_of_one_arch_and_setup_are_compared_with_the_reference_as_baseli
     assert code == 0 and "## Recipe gaps in test accuracy (same arch, setup and length)" in out
 
 
-@pytest.mark.parametrize("change", [{"precision": "bf16"}, {"train_images": 1024}, {"world_size": 2}])
+@pytest.mark.parametrize("change", [{"compiled": True}, {"train_images": 1024}, {"world_size": 2}])
 def test_recipes_under_different_setups_are_not_compared(tmp_path, change):
     for seed in (0, 1):
         write_run(tmp_path / f"fast{seed}", "tiny_resnet", seed, [30.0 + seed], recipe="fast", **change)
@@ -324,6 +324,17 @@ def test_recipes_under_different_setups_are_not_compared(tmp_path, change):
     result = summary.summarize([tmp_path])
     assert result.recipe_gaps.empty and not any("points" in line for line in result.takeaways)
     assert any(line.startswith("Not compared") for line in result.takeaways)
+
+
+def test_recipes_are_compared_as_users_run_them_in_their_own_precision(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"fast{seed}", "tiny_resnet", seed, [30.0 + seed], recipe="fast", precision="bf16",
+                  channels_last=True)
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0 + seed])
+    result = summary.summarize([tmp_path])
+    assert list(zip(result.recipe_gaps["model"], result.recipe_gaps["baseline"])) == [
+        ("tiny_resnet (fast, bf16, channels_last)", "tiny_resnet (seed, fp32, NCHW)")]
+    assert result.recipe_gaps.iloc[0]["gap"] == pytest.approx(10.0)
 
 
 def test_two_non_reference_recipes_take_the_first_as_baseline(tmp_path):

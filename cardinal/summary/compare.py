@@ -28,7 +28,10 @@ from cardinal.summary.load import (
     Conditions,
 )
 
-RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch")  # with every KNOB: what a recipe decides
+# How a recipe is run: part of the recipe where two recipes differ (users run fast in bf16 + channels_last and
+# the reference in fp32; the legend says so), a difference of setup within one recipe.
+RUN_AS = ("precision", "channels_last")
+RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch", *RUN_AS)  # with every KNOB: what a recipe decides
 BASELINE_RECIPE = "seed"  # the reference study's recipe: the baseline of every recipe gap it is part of
 ACCURACY_LIMITS = (0.0, 100.0)
 GAP_LIMITS = (-100.0, 100.0)
@@ -124,15 +127,22 @@ def setup_conditions(group: Group) -> Conditions:
                  if k not in RECIPE_CONDITIONS and (not k.startswith(KNOB) or k == LENGTH))
 
 
+def _run_as(group: Group) -> Conditions:
+    return tuple((k, v) for k, v in group.conditions if k in RUN_AS)
+
+
 def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
-    """(model, baseline): groups of one arch, one setup and one length that differ in the recipe only. The
-    reference recipe is the baseline when it is one of the two, else the group that appears first."""
+    """(model, baseline): groups of one arch, one setup and one length that differ in the recipe only (two
+    recipes of different names may run in different precisions). The reference recipe is the baseline when it
+    is one of the two, else the group that appears first."""
     by_setup: dict[tuple[str, int, Conditions], list[Group]] = {}
     for group in groups:
         by_setup.setdefault((group.arch, group.length, setup_conditions(group)), []).append(group)
     pairs = []
     for members in by_setup.values():
         for first, second in itertools.combinations(members, 2):
+            if first.recipe_name == second.recipe_name and _run_as(first) != _run_as(second):
+                continue
             swap = second.recipe_name == BASELINE_RECIPE and first.recipe_name != BASELINE_RECIPE
             pairs.append((first, second) if swap else (second, first))
     return pairs

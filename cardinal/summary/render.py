@@ -99,7 +99,7 @@ def _gap_interval(gap: pd.Series) -> str:
         return "1 seed"
     if gap["too_wide"]:
         return f"too wide: {seeds_text(gap['method'], gap['n_model'], gap['n_baseline']).split(' (')[0]}"
-    return f"{interval_text(gap['low'], gap['high'])} {SHORT_VERDICTS[gap['verdict']]}"
+    return f"± {(gap['high'] - gap['low']) / 2:.2f} {SHORT_VERDICTS[gap['verdict']]}"  # t intervals: symmetric
 
 
 def _ratio(gap: pd.Series) -> str:
@@ -112,17 +112,17 @@ def _ratio(gap: pd.Series) -> str:
 def final_gap_view(summary: Summary, names: Legend) -> View | None:
     if summary.final_gaps.empty:
         return None
-    headers = ["Epochs", "First vs second", "Gap", "95% interval", "img/s"]
+    headers = ["Epochs", "First vs second", "Gap", "± 95%", "img/s"]
     rows = [[str(g["epoch"]), names.pair(g["model_index"], g["baseline_index"]), signed(g["gap"]),
              _gap_interval(g), _ratio(g)] for _, g in summary.final_gaps.iterrows()]
     return View("Gaps at the end of runs of equal length (first - second; img/s as a ratio)", headers, rows,
-                ("First vs second", "95% interval", "img/s"), compact=True)
+                ("First vs second", "± 95%", "img/s"), compact=True)
 
 
 def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     words = []
     if not summary.final_gaps.empty:
-        words.append("sig./n.s.: the 95% interval excludes/contains 0; 1 seed: no verdict.")
+        words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
     elif len(summary.groups) > 1:
         words.append("No gaps: no two finished settings of equal length differ only in arch or in recipe.")
     star = " (*: epoch 1 only)" if summary.models["speed_from_epoch_1"].any() else ""
@@ -202,6 +202,12 @@ def _longest_word(texts: Iterable[str]) -> int:
     return max([len(word) for text in texts for word in text.split()] + [1])
 
 
+def _frame(view: View, columns: int) -> int:
+    """Characters a table adds around its cells: compact tables leave two spaces between columns (a pad
+    and the column rule), boxed ones three and their edges."""
+    return 2 * (columns - 1) if view.compact else 3 * columns + 1
+
+
 def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
     """Headers wrapped to their column, and column widths filling ``width``: number columns keep their
     widest cell (and their header on one line while there is room), text columns share the rest (the
@@ -214,7 +220,7 @@ def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
             flexible.append(index)
         else:
             widths.append(max([len(c) for c in cells] + [_longest_word([header]), min(6, len(header))]))
-    frame = 3 * (len(widths) - 1) if view.compact else 3 * len(widths) + 1
+    frame = _frame(view, len(widths))
     spare = width - frame - sum(widths)
     floors = {i: _longest_word([view.headers[i]] + [row[i] for row in view.rows]) for i in flexible}
     while spare < 0:
@@ -237,15 +243,15 @@ def fit_columns(view: View, width: int) -> tuple[list[str], list[int]]:
 def _rich_table(view: View, width: int) -> tuple[Table, int]:
     """The table and the width it needs (more than ``width`` only where a word or number is wider)."""
     headers, widths = fit_columns(view, width)
-    style = {"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False} if view.compact else {}
+    style = ({"box": box.SIMPLE_HEAD, "show_edge": False, "pad_edge": False, "padding": (0, 1, 0, 0)}
+             if view.compact else {})
     table = Table(**style)
     for header, column_width, name in zip(headers, widths, view.headers):
         table.add_column(escape(header), justify="left" if name in view.text else "right", width=column_width,
                          overflow="fold")
     for cells in view.rows:
         table.add_row(*(escape(cell) for cell in cells))
-    frame = 3 * (len(widths) - 1) if view.compact else 3 * len(widths) + 1
-    return table, sum(widths) + frame
+    return table, sum(widths) + _frame(view, len(widths))
 
 
 def _print_table(console: Console, view: View) -> None:
