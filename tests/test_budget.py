@@ -96,3 +96,8 @@ def test_help_states_the_rule():
     text = " ".join(train_module.build_parser().format_help().split())
     assert f">= {budget.MIN_STEPS_PER_EPOCH} steps an epoch" in text
     assert "0.1 at 390, 0.4 at 790, 1.6 at 1300 steps" in text
+
+
+def test_an_absolute_lr_knob_gets_the_same_peak():
+    per_256, absolute = sized(10, FULL_TRAIN), sized(10, FULL_TRAIN, lr_scale_batch=0)
+    assert absolute.lr == pytest.approx(per_256.effective_lr()) == pytest.approx(absolute.effective_lr())

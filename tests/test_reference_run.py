@@ -100,3 +100,13 @@ def test_reference_and_seed_runs_are_compared_by_the_summary(tmp_path):
     gap = gaps.iloc[0]
     assert "(reference" in gap["model"] and "(seed" in gap["baseline"] and gap["epoch"] == 1
     assert gap["model_value"] == pytest.approx(row["test_acc"])
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
+    folder = tmp_path / "tiny_resnet-reference-synthetic-seed3"
+    folder.mkdir()
+    (folder / "epochs.csv").write_text("epoch,test_acc\n1,50.0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run(reference_run.main, [*TINY_DATA, "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert (folder / "epochs.csv").read_text() == "epoch,test_acc\n1,50.0\n"
