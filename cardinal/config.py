@@ -2,10 +2,10 @@
 
 ``seed`` is the reference study's recipe, kept exactly so its numbers can be reproduced. ``fast`` is a
 recipe for short budgets: its warm-up and decay are fractions of the run's steps (so a 1-epoch run warms up
-and decays too), a batch small enough to give a small data set enough optimizer steps, augmentation,
-Nesterov momentum, label smoothing, no weight decay on norms and biases, and a learning rate that scales
-with the global batch and grows with the run's length (``LR_BY_EPOCHS``). Its settings were chosen on a
-validation split (``val_images``), never on the test split.
+and decays too), augmentation, Nesterov momentum, label smoothing, no weight decay on norms and biases, and
+a batch and peak LR sized by the run (``cardinal.budget``: the batch by the training images, the LR by the
+optimizer steps) once the training split is known. Its settings were chosen on a validation split
+(``val_images``), never on the test split.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class Recipe:
     val_images: float = 0  # training images held out for validation: a count (>= 1) or a fraction (< 1)
     eval_flip: bool = False  # also evaluate with horizontal-flip test-time augmentation (own columns)
     ema_decay: float = 0.0  # if > 0, also evaluate an EMA of the weights (own columns); 0: none
+    sized_by_budget: Tuple[str, ...] = ()  # knobs cardinal.budget sets from the run's size (batch_size, lr)
+    budget_images: int = 0  # the training images they were sized for; 0: not sized (yet)
 
     @property
     def length_free(self) -> bool:
@@ -65,8 +67,8 @@ RECIPES: Dict[str, Recipe] = {
     "seed": Recipe(),
     "fast": Recipe(
         epochs=10,
-        batch_size=32,  # chosen on val_acc: 1-epoch resnet50 runs on the CIFAR-10 sample (README, Recipes)
-        lr=0.1,  # for runs of up to 3 epochs; longer runs take theirs from LR_BY_EPOCHS
+        batch_size=32,  # stand-ins until cardinal.budget sizes both from the training split (README, Recipes):
+        lr=0.1,  # what it gives the CIFAR-10 sample (4,160 images) at 1 epoch, where they were chosen
         lr_scale_batch=256,
         nesterov=True,
         weight_decay=5e-4,
@@ -80,12 +82,9 @@ RECIPES: Dict[str, Recipe] = {
         augment="crop-flip",
         std=CIFAR10_STD,
         zero_init_residual=True,
+        sized_by_budget=("batch_size", "lr"),
     ),
 }
-# A recipe's peak LR by the run's length, where a short run wants a lower peak than a long one: (epochs, lr)
-# anchors, interpolated log-log between them and held beyond them. fast's were chosen on val_acc with
-# resnet50 on the CIFAR-10 sample at 1, 3 and 10 epochs (README, Recipes); 1.6 is the largest LR tried.
-LR_BY_EPOCHS: Dict[str, Tuple[Tuple[int, float], ...]] = {"fast": ((3, 0.1), (10, 1.6))}
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 WARMUP_KNOBS = ("warmup_epochs", "warmup_fraction")  # two ways to say one thing: the one given wins
 
@@ -157,29 +156,11 @@ def resolve_recipe(name: str, overrides: Dict[str, Any]) -> Recipe:
         other = WARMUP_KNOBS[1 - WARMUP_KNOBS.index(given[0])]
         overrides[other] = 0.0
     recipe = replace(RECIPES[name], **overrides)
-    if name in LR_BY_EPOCHS and "lr" not in overrides:
-        recipe = replace(recipe, lr=lr_for_epochs(LR_BY_EPOCHS[name], recipe.epochs))
+    if "sized_by_budget" not in overrides:  # a knob given on the command line is never resized
+        recipe = replace(recipe, sized_by_budget=tuple(k for k in recipe.sized_by_budget if k not in overrides))
     validate_recipe(recipe)
     return recipe
 
-
-def lr_for_epochs(anchors: Tuple[Tuple[int, float], ...], epochs: int) -> float:
-    """The peak LR of a run this long: between two anchors the LR is a power of the epochs (a straight
-    line in log-log), rounded to 3 significant digits so config.json reads cleanly; flat outside them."""
-    if epochs <= anchors[0][0]:
-        return anchors[0][1]
-    for (short, short_lr), (long, long_lr) in zip(anchors, anchors[1:]):
-        if epochs <= long:
-            position = math.log(epochs / short) / math.log(long / short)
-            return float(f"{short_lr * (long_lr / short_lr) ** position:.3g}")
-    return anchors[-1][1]
-
-
-def describe_lr_rule(anchors: Tuple[Tuple[int, float], ...]) -> str:
-    """E.g. '0.1 up to 3 epochs, rising to 1.6 at 10 and beyond' (for --help)."""
-    (first, first_lr), rest = anchors[0], anchors[1:]
-    rising = ", ".join(f"{lr} at {epochs}" for epochs, lr in rest)
-    return f"{first_lr} up to {first} epochs, rising to {rising} and beyond"
 
 
 def _finite(*values: Any) -> bool:
@@ -219,6 +200,7 @@ def validate_recipe(recipe: Recipe) -> None:
          "--mean and --std take three values each, std positive"),
         (recipe.grad_clip >= 0, f"--grad-clip must be >= 0, got {recipe.grad_clip}"),
         (0 <= recipe.ema_decay < 1, f"--ema-decay must be in [0, 1), got {recipe.ema_decay}"),
+        (recipe.budget_images >= 0, f"budget_images must be >= 0, got {recipe.budget_images}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 
+from cardinal import budget
 from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
 from cardinal.cli import (
     ArgumentParser,
@@ -38,12 +39,10 @@ from cardinal.cli import (
 )
 from cardinal.config import (
     AUGMENTATIONS,
-    LR_BY_EPOCHS,
     RECIPE_FIELDS,
     RECIPES,
     SCHEDULES,
     TrainConfig,
-    describe_lr_rule,
     resolve_recipe,
 )
 from cardinal.cost import ModelCost, model_cost
@@ -76,8 +75,8 @@ def _recipe_help(knob: str, text: str) -> str:
 
 
 def _recipe_default(name: str, recipe: Any, knob: str) -> str:
-    if knob == "lr" and name in LR_BY_EPOCHS:
-        return describe_lr_rule(LR_BY_EPOCHS[name])
+    if knob in recipe.sized_by_budget:
+        return budget.describe_batch() if knob == "batch_size" else budget.describe_lr()
     return _shown(getattr(recipe, knob))
 
 
@@ -439,13 +438,14 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     accelerator = make_accelerator(config, run_dir, trackers)
     if accelerator.device.type == "cpu":
         use_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or accelerator.num_processes)
-    recipe = config.recipe
     world = accelerator.num_processes
+    set_seed(config.seed)
+    (train_images, train_labels), val, test = load_splits(config, accelerator)
+    config = replace(config, recipe=budget.resolve(config.recipe, len(train_labels)))  # a no-op once sized
+    recipe = config.recipe
     if recipe.batch_size < world * config.grad_accum:
         raise CardinalError(f"--batch-size {recipe.batch_size} is smaller than processes x --grad-accum "
                             f"({world} x {config.grad_accum})")
-    set_seed(config.seed)
-    (train_images, train_labels), val, test = load_splits(config, accelerator)
     num_classes = num_classes_of(config.dataset, config.synthetic_classes)
 
     model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual)
@@ -642,7 +642,7 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
                 return 0
             info = {**run_info(session), "command": command}
             records = RunRecords(run_dir, info, previous_rows(session, progress))  # read before writing
-            config = replace(config, compile=info["compiled"])
+            config = replace(session.config, compile=info["compiled"])  # the recipe as sized in set_up
             write_config(session, config)
             start_tracking(session.accelerator, session.trackers, run_dir, config.to_dict())
             session.report.line(header(session, info))

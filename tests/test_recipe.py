@@ -3,7 +3,6 @@ and every knob recorded in config.json and kept on resume."""
 
 import io
 import json
-import math
 
 import pandas as pd
 import pytest
@@ -19,8 +18,9 @@ from cardinal.records import TIMING_COLUMNS, ConsoleReport
 
 from conftest import SYNTHETIC, TINY, train
 
-RUN = [*TINY, *SYNTHETIC, "--synthetic-train", "200", "--synthetic-test", "64", "--recipe", "fast",
-       "--batch-size", "32", "--val-images", "0.2", "--no-export"]
+# no --batch-size or --lr: the budget rule sizes both (batch 32 and 0.1 per 256 for 160 images, 2 epochs)
+RUN = [*TINY, "--dataset", "synthetic", "--synthetic-train", "200", "--synthetic-test", "64", "--recipe", "fast",
+       "--val-images", "0.2", "--no-export"]
 COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}
 
 
@@ -108,24 +108,6 @@ def test_giving_one_warmup_knob_replaces_the_recipes_other():
         resolve_recipe("fast", {"warmup_epochs": 1.0, "warmup_fraction": 0.1})
 
 
-def test_fast_lr_grows_with_the_runs_length_between_the_chosen_anchors():
-    lrs = {epochs: resolve_recipe("fast", {"epochs": epochs}).lr for epochs in range(1, 21)}
-    assert lrs[1] == lrs[2] == lrs[3] == 0.1 and lrs[10] == lrs[20] == 1.6
-    between = [lrs[epochs] for epochs in range(3, 11)]
-    assert between == sorted(set(between)), "strictly rising from 3 to 10 epochs"
-    assert lrs[5] == pytest.approx(0.1 * 16 ** (math.log(5 / 3) / math.log(10 / 3)), rel=1e-3)
-    assert resolve_recipe("fast", {"epochs": 10, "lr": 0.3}).lr == 0.3  # a given --lr always wins
-    assert all(resolve_recipe("seed", {"epochs": epochs}).lr == 0.01 for epochs in (1, 3, 10, 20))
-
-
-def test_the_lr_a_run_length_chose_is_what_config_json_keeps():
-    args = train_module.build_parser().parse_args(["--recipe", "fast", "--epochs", "10"])
-    config = train_module.config_from_args(args)
-    assert TrainConfig.from_dict(json.loads(config.to_json())).recipe.lr == 1.6
-    assert "fast: 0.1 up to 3 epochs, rising to 1.6 at 10 and beyond" in " ".join(
-        train_module.build_parser().format_help().split())
-
-
 def test_seed_recipe_is_untouched_by_the_new_knobs():
     seed = RECIPES["seed"]
     assert (seed.warmup_epochs, seed.warmup_fraction, seed.decay_fraction) == (0, 0, 1)
@@ -172,6 +154,11 @@ def test_every_new_knob_reaches_config_json(runs):
     recipe = json.loads((runs / "straight" / "config.json").read_text())["recipe"]
     assert recipe["val_images"] == 0.2 and recipe["eval_flip"] is True and recipe["ema_decay"] == 0.9
     assert recipe["warmup_fraction"] == 0.3 and recipe["decay_fraction"] == 0.8 and recipe["warmup_epochs"] == 0
+    # what the budget rule chose for the 160 training images is what ran, and what config.json keeps
+    assert recipe["sized_by_budget"] == ["batch_size", "lr"] and recipe["budget_images"] == 160
+    assert (recipe["batch_size"], recipe["lr"]) == (32, 0.1)
+    frame = pd.read_csv(runs / "straight" / "epochs.csv")
+    assert frame["global_batch"].eq(32).all() and frame["steps"].eq(5).all()
     config = TrainConfig.from_dict(json.loads((runs / "straight" / "config.json").read_text()))
     assert config.recipe.val_images == 0.2 and config.recipe.eval_flip and config.recipe.ema_decay == 0.9
 
@@ -183,6 +170,8 @@ def test_resume_keeps_the_split_the_schedule_and_the_average(runs, tmp_path):
     half = shutil.copytree(runs / "half", tmp_path / "half")
     _train_in_process(["--resume", str(half), "--no-progress"])
     straight, resumed = (pd.read_csv(folder / "epochs.csv") for folder in (runs / "straight", half))
+    configs = [json.loads((folder / "config.json").read_text())["recipe"] for folder in (runs / "straight", half)]
+    assert configs[0] == configs[1]  # sized once, at the start, and kept on resume
     compared = [c for c in straight.columns if c not in COMPARED_OUT]
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-6)
     # the EMA went on from where it stopped rather than restarting from the resumed weights

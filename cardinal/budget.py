@@ -1,0 +1,113 @@
+"""The budget rule: a recipe's batch and peak LR from the size of the run, in one place.
+
+A run's size is its number of training images ``N`` (after any validation hold-out) and its epochs ``E``.
+The rule is two steps:
+
+1. **Batch from the data set.** The largest multiple of 32, between 32 and 512, that still gives at least
+   ``MIN_STEPS_PER_EPOCH`` (75) optimizer steps an epoch: ``batch = clamp(32 * floor(N / 75 / 32), 32, 512)``.
+   A small data set keeps a small batch (the 4,160 training images of the CIFAR-10 sample with 500 held out:
+   32), a full-size one fills a GPU (40,000 images: 512).
+2. **Peak LR from the optimizer steps.** The run takes ``S = E * ceil(N / batch)`` steps; the peak LR per 256
+   images is a function of ``S`` (``LR_BY_STEPS``), a straight line in log-log between anchors and flat
+   outside them, scaled linearly to the batch, and never above ``MAX_PEAK_LR``. A short run wants a low peak,
+   a long one a high one.
+
+Where the constants come from (fast recipe, resnet50; README, Recipes):
+
+- 75 steps an epoch lies between the 65 of batch 64 on the sample, which lost to batch 32's 130 at 1 epoch
+  (20.6% against 26.4% val_acc, measured on a CPU), and the 78.1 of batch 512 on 40,000 images, which reached
+  84.4% test accuracy at 10 epochs (measured on one H200).
+- (390 steps, 0.1): the sample at batch 32 for 1 and 3 epochs (130 and 390 steps). Measured: 0.1 won at 1
+  epoch; at 3, 0.1, 0.2 and 0.4 were within noise.
+- (790 steps, 0.4): 40,000 images at batch 512 for 10 epochs. Measured, one seed: 84.4%; the only other run
+  (1.6 at batch 256, 1,570 steps) reached 82.6%. Provisional: no LR sweep at batch 512 yet.
+- (1,300 steps, 1.6): the sample at batch 32 for 10 epochs. Measured over 3 seeds; 1.6 was the largest LR
+  tried, and every doubling up to it helped.
+- ``MAX_PEAK_LR`` 1.6: the largest peak LR (after scaling) any measured run used; above it nothing was run.
+
+Every other combination is an interpolation, pending measurement on full-size data at 1 and 5 epochs.
+The resolved batch and LR are written to config.json, with ``budget_images``; a resumed run keeps them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Tuple
+
+from cardinal.cli import CardinalError
+from cardinal.config import Recipe, validate_recipe
+
+MIN_STEPS_PER_EPOCH = 75
+BATCH_STEP = 32  # batches are multiples of this (tensor-core friendly, divisible by 2, 4, 8 processes)
+BATCH_RANGE = (32, 512)
+LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (790, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
+MAX_PEAK_LR = 1.6  # after scaling to the batch
+SIZED_KNOBS = ("batch_size", "lr")
+
+
+def batch_for(train_images: int) -> int:
+    """The largest multiple of 32 in [32, 512] giving at least MIN_STEPS_PER_EPOCH steps an epoch."""
+    low, high = BATCH_RANGE
+    fitting = BATCH_STEP * (train_images // (MIN_STEPS_PER_EPOCH * BATCH_STEP))
+    return max(low, min(high, fitting))
+
+
+def steps_of(train_images: int, batch: int, epochs: int) -> int:
+    """Optimizer steps of the run (the last, partial batch of an epoch is a step)."""
+    return epochs * math.ceil(train_images / batch)
+
+
+def lr_per_256_for(steps: int) -> float:
+    """Peak LR per 256 images for a run of ``steps`` optimizer steps: log-log between the anchors, rounded
+    to 3 significant digits so config.json reads cleanly; flat outside them."""
+    anchors = LR_BY_STEPS
+    if steps <= anchors[0][0]:
+        return anchors[0][1]
+    for (short, short_lr), (long, long_lr) in zip(anchors, anchors[1:]):
+        if steps <= long:
+            position = math.log(steps / short) / math.log(long / short)
+            return float(f"{short_lr * (long_lr / short_lr) ** position:.3g}")
+    return anchors[-1][1]
+
+
+def lr_for(steps: int, batch: int, lr_scale_batch: int) -> float:
+    """The ``lr`` knob (given for ``lr_scale_batch`` images when that is > 0) for this many steps at this batch."""
+    per_256 = lr_per_256_for(steps)
+    cap = MAX_PEAK_LR * 256 / batch  # the cap, per 256 images
+    if per_256 > cap:
+        per_256 = float(f"{cap:.3g}")
+    return per_256 * lr_scale_batch / 256 if lr_scale_batch > 0 else per_256 * batch / 256
+
+
+def resolve(recipe: Recipe, train_images: int) -> Recipe:
+    """The recipe with its budget-sized knobs set for ``train_images``; unchanged if already sized or if the
+    recipe sizes nothing. Called once, when the training split is known; config.json keeps the result."""
+    if not recipe.sized_by_budget or recipe.budget_images:
+        return recipe
+    unknown = set(recipe.sized_by_budget) - set(SIZED_KNOBS)
+    if unknown:
+        raise CardinalError(f"the budget rule cannot size {', '.join(sorted(unknown))}")
+    if train_images < 1:
+        raise CardinalError("the budget rule needs at least one training image")
+    batch = batch_for(train_images) if "batch_size" in recipe.sized_by_budget else recipe.batch_size
+    lr = recipe.lr
+    if "lr" in recipe.sized_by_budget:
+        lr = lr_for(steps_of(train_images, batch, recipe.epochs), batch, recipe.lr_scale_batch)
+    sized = replace(recipe, batch_size=batch, lr=lr, budget_images=train_images)
+    validate_recipe(sized)
+    return sized
+
+
+def describe_batch() -> str:
+    """For --help."""
+    low, high = BATCH_RANGE
+    return (f"sized by the training images N: the largest multiple of {BATCH_STEP} in [{low}, {high}] giving "
+            f">= {MIN_STEPS_PER_EPOCH} steps an epoch")
+
+
+def describe_lr() -> str:
+    """For --help."""
+    anchors = ", ".join(f"{lr} at {steps}" for steps, lr in LR_BY_STEPS)
+    return (f"sized by the run's optimizer steps S: per 256 images {anchors} steps, log-log between, flat "
+            f"outside; at most {MAX_PEAK_LR} after scaling")
