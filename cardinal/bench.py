@@ -38,6 +38,7 @@ from cardinal.cli import (
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
+from cardinal.prose import wrap
 from cardinal.records import write_csv
 from cardinal.reference import torchvision_model
 
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     console.print(render(frame, f"Throughput on {device}"))
     for note in noise_notes(frame, args.noise_limit):
-        console.print(note, highlight=False)
+        console.print(wrap(note, console, rest="  "), highlight=False, soft_wrap=True)  # at the reader's width
     console.print(f"written {args.output}")
     return 0
 

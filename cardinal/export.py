@@ -332,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     files = export_model(model, args.output_dir, args.name or args.arch, args.formats, input_size, normalization)
     for kind, path in files.written().items():
         print(f"{kind}: {path}")
+    if files.state_dict is not None:
+        print(f"normalisation: {normalization_path(files.state_dict)} ({normalization.describe()})")
+    if files.torchscript is not None or files.program is not None:
+        print(f"input of the .ts/.pt2: {INPUT_CONTRACT}")
     return 0
 
 
