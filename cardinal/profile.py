@@ -788,8 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(profiles, args.plot, heading)
         console.print(f"plot written to {args.plot}", highlight=False)
     if args.trace is not None:
-        console.print(f"traces written to {args.trace}/ (chrome://tracing, ui.perfetto.dev or TensorBoard)",
-                      highlight=False)
+        console.print(wrap(f"traces written to {args.trace}/ (chrome://tracing, ui.perfetto.dev or TensorBoard)",
+                           console, rest="  "), highlight=False, soft_wrap=True)
     return 0
 
 
