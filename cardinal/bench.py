@@ -197,8 +197,8 @@ def noise_notes(frame: pd.DataFrame, limit_pct: float) -> list[str]:
     """The lines under the table: what a flagged ratio means and what to do about it."""
     notes = []
     if frame["noisy"].any():
-        notes.append(f"{NOISY_MARK} repeats disagree by more than {limit_pct:g}%: that ratio is within the noise; "
-                     "rerun with more --steps and --repeats.")
+        notes.append(f"{NOISY_MARK} noise: repeats differ by over {limit_pct:g}%; rerun with more --steps and "
+                     "--repeats.")
     if (frame["repeats"] < 2).any():
         notes.append("one repeat: spread not measured, noise unknown; use --repeats 2 or more.")
     return notes
