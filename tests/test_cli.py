@@ -106,3 +106,19 @@ def test_the_csv_command_says_how_the_run_was_started(monkeypatch):
     assert launch_command(["--arch", "tiny_resnet"]) == "python -m cardinal.train --arch tiny_resnet"
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     assert launch_command(["--epochs", "1"]) == "accelerate launch -m cardinal.train --epochs 1"
+
+
+def test_an_interrupted_training_run_says_how_to_resume_it(tmp_path, capsys, monkeypatch):
+    from cardinal import train
+    from cardinal.cli import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_epochs", interrupted)
+    with pytest.raises(SystemExit) as code:
+        run(train.main, ["--arch", "tiny_resnet", "--dataset", "synthetic", "--synthetic-train", "64",
+                         "--synthetic-test", "32", "--batch-size", "32", "--no-progress", "--output-dir",
+                         str(tmp_path), "--run-name", "r"])
+    assert code.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted; resume with --resume {tmp_path / 'r'}"
