@@ -289,7 +289,7 @@ def _training_normalization(weights: Path, recipe, explicit: Set[str] = frozense
 
     own = read_normalization(weights)
     if own is None:
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and weights.is_file():  # a missing file is an error later
             source = "--mean/--std" if explicit & {"mean", "std"} else "the recipe's"
             print(f"{weights} carries no normalisation: evaluating with {source} mean {_shown(tuple(recipe.mean))}, "
                   f"std {_shown(tuple(recipe.std))}", flush=True)
