@@ -1,7 +1,7 @@
 """Train a registered architecture on CIFAR with Accelerate; one CSV row per epoch.
 
-    accelerate launch -m cardinal.train --arch resnet50
-    accelerate launch -m cardinal.train --arch resnext50_32x4d --recipe fast --mixed-precision bf16
+    python -m cardinal.train --arch resnet50                       # one process
+    accelerate launch --config_file launch/gpu-bf16.yaml -m cardinal.train --arch resnext50_32x4d --recipe fast
 
 Flow: arguments -> TrainConfig -> (data, model) -> Accelerator.prepare -> epochs -> records -> files.
 ``train`` reads as its three steps: set up, run the epochs (``StopRule`` alone decides when they end),
@@ -105,7 +105,7 @@ def run_name_arg(text: str) -> str:
 
 
 def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
-    parser = ArgumentParser(prog="accelerate launch -m cardinal.train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m cardinal.train", description=__doc__.split("\n")[0])
     what = parser.add_argument_group("what to train")
     what.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
                       help=f"architecture: {', '.join(list_archs())}")
