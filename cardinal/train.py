@@ -621,13 +621,13 @@ def evaluate_only(session: Session) -> None:
 
 
 def finish(session: Session, records: RunRecords) -> None:
-    from cardinal.export import Normalization, export_model, save_state_dict
+    from cardinal.export import Normalization, export_model, normalization_path, save_state_dict
 
     if session.config.export and session.main_process:
         plain = session.accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)
         normalization = Normalization(tuple(session.config.recipe.mean), tuple(session.config.recipe.std))
         files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE, normalization=normalization)
-        written = list(files.written().values())
+        written = [*files.written().values(), normalization_path(files.state_dict)]
         if session.average is not None:
             written.append(save_state_dict(session.average.module, session.run_dir / "model_ema_state.pt",
                                            normalization))
