@@ -171,13 +171,17 @@ needs_weights() {  # name: false (and a FAIL row) when the bf16 run left no weig
 }
 
 check_fp32() { train_check fp32 120 "$PYTHON" -- --mixed-precision no --no-export; }
-check_fp16() { train_check fp16 120 accelerate launch --config_file launch/gpu-fp16.yaml -- --no-export; }
-check_bf16() { train_check bf16 180 accelerate launch --config_file launch/gpu-bf16.yaml --; }
+# A launch config gives accelerate every value it would otherwise warn about; --quiet (one process) leaves
+# out its traceback of a failed run, so the log ends with the run's own error line.
+check_fp16() { train_check fp16 120 accelerate launch --quiet --config_file launch/gpu-fp16.yaml -- --no-export; }
+check_bf16() { train_check bf16 180 accelerate launch --quiet --config_file launch/gpu-bf16.yaml --; }
 check_channels_last() {
-    train_check channels_last 120 accelerate launch --config_file launch/gpu-bf16.yaml -- --channels-last --no-export
+    train_check channels_last 120 accelerate launch --quiet --config_file launch/gpu-bf16.yaml -- --channels-last \
+        --no-export
 }
 check_compile() {
-    train_check compile 300 accelerate launch --config_file launch/gpu-bf16.yaml -- --channels-last --compile --no-export
+    train_check compile 300 accelerate launch --quiet --config_file launch/gpu-bf16.yaml -- --channels-last \
+        --compile --no-export
 }
 
 check_sync_bn() {
@@ -210,19 +214,22 @@ check_export() {
     finish_check export - "$(cd "$OUT/export" 2>/dev/null && echo *)"
 }
 
-# The exported files, loaded without cardinal, run on the check's device and agree with the weights.
-RELOAD_PY='import sys, torch
+# The exported files, loaded without cardinal, run on the check's device and agree with the weights. They
+# take images in [0, 1] and normalise inside; the state_dict takes normalised input (mean/std in its .json).
+RELOAD_PY='import json, sys, torch
 from torch.export.passes import move_to_device_pass
 from cardinal import build_model
 arch, folder = sys.argv[1], sys.argv[2]
+norm = json.load(open(f"{folder}/{arch}_state.json"))
+mean, std = (torch.tensor(norm[key]).view(1, 3, 1, 1) for key in ("mean", "std"))
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare fp32 with fp32
 model = build_model(arch).eval()
 model.load_state_dict(torch.load(f"{folder}/{arch}_state.pt", weights_only=True))
 program = move_to_device_pass(torch.export.load(f"{folder}/{arch}.pt2"), device)
-x = torch.randn(4, 3, 32, 32)
+x = torch.rand(4, 3, 32, 32)
 with torch.no_grad():
-    expected = model(x)
+    expected = model((x - mean) / std)
     scale = expected.abs().max().item()
     for name, loaded in (("torchscript", torch.jit.load(f"{folder}/{arch}.ts", map_location=device)),
                          ("program", program.module())):

@@ -38,6 +38,7 @@ from cardinal.cli import (
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
+from cardinal.prose import wrap
 from cardinal.records import write_csv
 from cardinal.reference import torchvision_model
 
@@ -196,8 +197,8 @@ def noise_notes(frame: pd.DataFrame, limit_pct: float) -> list[str]:
     """The lines under the table: what a flagged ratio means and what to do about it."""
     notes = []
     if frame["noisy"].any():
-        notes.append(f"{NOISY_MARK} repeats disagree by more than {limit_pct:g}%: that ratio is within the noise; "
-                     "rerun with more --steps and --repeats.")
+        notes.append(f"{NOISY_MARK} noise: repeats differ by over {limit_pct:g}%; rerun with more --steps and "
+                     "--repeats.")
     if (frame["repeats"] < 2).any():
         notes.append("one repeat: spread not measured, noise unknown; use --repeats 2 or more.")
     return notes
@@ -259,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
     console.print(render(frame, f"Throughput on {device}"))
     for note in noise_notes(frame, args.noise_limit):
-        console.print(note, highlight=False)
+        console.print(wrap(note, console, rest="  "), highlight=False, soft_wrap=True)  # at the reader's width
     console.print(f"written {args.output}")
     return 0
 

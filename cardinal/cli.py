@@ -114,7 +114,8 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
         code = main(argv)
     except CardinalError as error:
         fail(str(error))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # the command may attach what to do next (e.g. how to resume)
+        hint = getattr(interrupt, "hint", "")
+        print(f"interrupted; {hint}" if hint else "interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     raise SystemExit(code or 0)

@@ -18,10 +18,13 @@ against.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
+import os
 import re
-import textwrap
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -51,6 +54,7 @@ from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
 from cardinal.optim import build_optimizer
 from cardinal.plotting import pyplot, save_figure
+from cardinal.prose import wrap
 from cardinal.records import write_csv
 
 CONV_GROUPED, CONV_DENSE, CONV_1X1 = "conv_grouped", "conv_dense", "conv_1x1"
@@ -410,7 +414,8 @@ class _Contender:
     def measure_pair(self, device: torch.device, trace: Path | None) -> None:
         self.unprofiled_ms.append(1e3 * self.step.timed())
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with OpClassScopes(self.step.model) as scopes, profile(activities=activities) as profiler:
+        with native_noise_filtered(), OpClassScopes(self.step.model) as scopes, \
+                profile(activities=activities) as profiler:
             self.step()
         classes, ops = attribute_step(profiler.events(), scopes, on_device=device.type != "cpu")
         total = sum(classes.values())
@@ -602,10 +607,10 @@ def report(console: Console, profiles: Sequence[ArchProfile], peak: Peak, headin
     for result in profiles:
         console.print(arch_table(result, f"{result.arch}: {heading}"))
         ratio = result.step_ms_profiled / result.step_ms_unprofiled
-        console.print(f"  step: {_num(result.step_ms_profiled)} ms profiled (sum of classes), "
-                      f"{_num(result.step_ms_unprofiled)} ms unprofiled ({ratio:.2f}x)", highlight=False)
-        console.print(f"  FLOPs: {_num(result.train_gflop)} GFLOP = {result.flop_ratio:.3f} x 3 x forward "
-                      f"({_num(result.forward_gflop)} GFLOP)", highlight=False)
+        _bullets(console, [f"{_num(result.step_ms_profiled)} ms profiled (sum of classes), "
+                           f"{_num(result.step_ms_unprofiled)} ms unprofiled ({ratio:.2f}x)"], "  step:")
+        _bullets(console, [f"{_num(result.train_gflop)} GFLOP = {result.flop_ratio:.3f} x 3 x forward "
+                           f"({_num(result.forward_gflop)} GFLOP)"], "  FLOPs:")
         if abs(ratio - 1) > 0.15:
             warning = ("profiled and unprofiled steps differ by more than 15% (profiler overhead or a change "
                        "in the machine's load): read the ms with care")
@@ -613,19 +618,48 @@ def report(console: Console, profiles: Sequence[ArchProfile], peak: Peak, headin
     if len(profiles) > 1:
         for table in comparison_tables(profiles):
             console.print(table)
-    console.print(f"Peak: {_num(peak.tflop_per_s)} TFLOP/s ({peak.dtype} {peak.size}x{peak.size} matmul, best of "
-                  "5 before the rounds and after each, this process)", highlight=False)
+    _bullets(console, [f"{_num(peak.tflop_per_s)} TFLOP/s ({peak.dtype} {peak.size}x{peak.size} matmul, best of "
+                       "5 before the rounds and after each, this process)"], "Peak:")
     console.print("Takeaways")
     _bullets(console, takeaways(profiles), "-")
+
+
+# What the profiler's native library writes to stderr on every start and stop, and on a machine without a
+# GPU: status lines, not failures. Anything else it writes is passed on.
+NATIVE_NOISE = re.compile(r"^(USDT:.*profiler_(start|stop)|ERROR:.*gpuGetDeviceCount failed|"
+                          r"(WARNING|INFO):.*(CUPTI|cupti|libkineto|ActivityProfiler))")
+
+
+@contextlib.contextmanager
+def native_noise_filtered() -> Iterator[None]:
+    """Catch what native code writes to file descriptor 2 meanwhile; pass on all but ``NATIVE_NOISE``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (embedded, closed): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not NATIVE_NOISE.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def _bullets(console: Console, lines: Sequence[str], mark: str) -> None:
     """Lines wrapped to the console, continued under their own text rather than under the mark."""
     indent = " " * (len(mark) + 1)
     for line in lines:
-        text = textwrap.fill(line, width=console.width, initial_indent=f"{mark} ", subsequent_indent=indent,
-                             break_on_hyphens=False)
-        console.print(text, highlight=False, soft_wrap=True)
+        console.print(wrap(line, console, f"{mark} ", indent), highlight=False, soft_wrap=True)
 
 
 def plot(profiles: Sequence[ArchProfile], path: Path, heading: str) -> None:
@@ -733,11 +767,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     layout = "channels_last" if args.channels_last else "NCHW"
     heading = f"{label}, {args.precision if args.precision != 'no' else 'fp32'}, {layout}, batch {args.batch_size}"
     console = make_console()
-    console.print(f"profiling on {heading}: {args.warmup} warm-up steps, then {args.steps} rounds of one "
-                  "unprofiled and one profiled step per arch", highlight=False)
+    console.print(wrap(f"profiling on {heading}: {args.warmup} warm-up steps, then {args.steps} rounds of one "
+                       "unprofiled and one profiled step per arch", console, rest="  "), highlight=False,
+                  soft_wrap=True)
     def on_round(index: int, contenders) -> None:
         times = ", ".join(f"{c.arch} {_num(c.unprofiled_ms[-1])} ms" for c in contenders)
-        console.print(f"  round {index + 1}/{args.steps}: unprofiled {times}", highlight=False)
+        console.print(wrap(f"round {index + 1}/{args.steps}: unprofiled {times}", console, "  ", "    "),
+                      highlight=False, soft_wrap=True)
 
     profiles, peak = profile_archs(list(dict.fromkeys(args.archs)), args.batch_size, args.precision,
                                    args.channels_last, args.steps, args.warmup, device, args.trace, on_round=on_round)
@@ -752,8 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot(profiles, args.plot, heading)
         console.print(f"plot written to {args.plot}", highlight=False)
     if args.trace is not None:
-        console.print(f"traces written to {args.trace}/ (chrome://tracing, ui.perfetto.dev or TensorBoard)",
-                      highlight=False)
+        console.print(wrap(f"traces written to {args.trace}/ (chrome://tracing, ui.perfetto.dev or TensorBoard)",
+                           console, rest="  "), highlight=False, soft_wrap=True)
     return 0
 
 

@@ -222,7 +222,8 @@ class ConsoleReport:
         last = frame.iloc[-1]
         table = Table(title=f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)", show_header=False)
         table.add_column("")
-        table.add_column("", justify="right")
+        table.add_column("", justify="right", overflow="fold")  # a long path folds, never ends in "…"
+        speed_epochs = "epochs 2+" if (frame["epoch"] >= 2).any() else "epoch 1"  # what steady_state used
         extra = []
         if "val_acc" in frame and frame["val_acc"].notna().any():
             best_val = frame.loc[frame["val_acc"].idxmax()]
@@ -239,9 +240,9 @@ class ConsoleReport:
             *extra,
             ("Final test acc %", _fmt(last["test_acc"], 2)),
             ("Best test acc %", f"{best['test_acc']:.2f} (epoch {int(best['epoch'])})"),
-            ("img/s (median, epochs 2+)", _fmt(steady_state(frame, "img_per_s"), 1)),
-            ("it/s (median, epochs 2+)", _fmt(steady_state(frame, "it_per_s"), 2)),
-            ("TFLOP/s (median, epochs 2+)", _fmt(steady_state(frame, "train_tflop_per_s"), 3)),
+            (f"img/s (median, {speed_epochs})", _fmt(steady_state(frame, "img_per_s"), 1)),
+            (f"it/s (median, {speed_epochs})", _fmt(steady_state(frame, "it_per_s"), 2)),
+            (f"TFLOP/s (median, {speed_epochs})", _fmt(steady_state(frame, "train_tflop_per_s"), 3)),
             ("Total time s", _fmt(frame["epoch_time_s"].sum(), 1)),
             ("Precision / world", f"{first['precision']} / {int(first['world_size'])}"),
             ("Device", str(first["device"])),

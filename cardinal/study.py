@@ -7,16 +7,19 @@
 Every run is a separate ``accelerate launch -m cardinal.train``, so each starts from the same state.
 Arguments after ``--`` (and any this runner does not know) go to every training run. A run that already
 finished is skipped and one that was interrupted is resumed, so the study can simply be started again.
+A run that fails ends the study with one line, last, that carries the run's own error; the launcher's
+traceback of the failed child is left out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
@@ -56,9 +59,27 @@ def run_name(arch: str, recipe: str, dataset: str, seed: int) -> str:
     return f"{arch}-{recipe}-{dataset}-seed{seed}"
 
 
+def default_launcher() -> List[str]:
+    """``accelerate launch`` from this Python with every value it would otherwise warn about: the user's
+    accelerate config when there is one, else one machine, every visible GPU (or one process), no mixed
+    precision (train's --mixed-precision still decides) and no dynamo, as accelerate itself would pick.
+    ``--quiet`` drops accelerate's traceback of a failed single-process run."""
+    from accelerate.commands.config import default_config_file
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
+    if os.path.isfile(default_config_file):
+        return command
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return command + (["--multi_gpu"] if gpus > 1 else []) + [
+        "--num_processes", str(max(1, gpus)), "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no"]
+
+
 def launcher_command(launcher: Optional[str]) -> List[str]:
     if not launcher:
-        return [sys.executable, "-m", "accelerate.commands.launch"]
+        return default_launcher()
     try:
         return shlex.split(launcher)
     except ValueError as error:
@@ -104,6 +125,43 @@ def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]
                       *data, "--output-dir", str(args.output_dir), "--run-name", name, *extra]
 
 
+def _is_launcher_traceback(block: Sequence[str]) -> bool:
+    """accelerate's own traceback when the script it started failed: the script has said why already."""
+    return block[-1].startswith("subprocess.CalledProcessError")
+
+
+def relay_stderr(lines: Iterable[str], out: IO[str]) -> List[str]:
+    """Pass a child's stderr on as it comes, less the launcher's traceback; its ``error:`` lines are held
+    back and returned, so the caller can end with them."""
+    errors: List[str] = []
+    block: List[str] = []
+    for line in lines:
+        if block or line.startswith("Traceback (most recent call last):"):
+            block.append(line)
+            if len(block) > 1 and not line[:1].isspace():  # the exception line ends a traceback
+                if not _is_launcher_traceback(block):
+                    out.writelines(block)
+                block = []
+        elif line.startswith("error: "):
+            errors.append(line)
+        else:
+            out.write(line)
+        out.flush()
+    out.writelines(block)
+    return errors
+
+
+def run_training(command: Sequence[str]) -> Tuple[int, List[str]]:
+    """Run one training; its stdout as it is, its stderr through ``relay_stderr``."""
+    try:
+        child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, errors="replace")
+    except FileNotFoundError:
+        raise CardinalError(f"launcher not found: {command[0]} (see --launcher)") from None
+    with child:
+        errors = relay_stderr(child.stderr, sys.stderr)
+    return child.wait(), errors
+
+
 def finished(run_dir: Path, epochs: int) -> bool:
     planned = planned_run(run_dir)
     if planned is None:
@@ -133,13 +191,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("$ " + shlex.join(command), flush=True)
             if args.dry_run:
                 continue
-            try:
-                code = subprocess.call(command)
-            except FileNotFoundError:
-                raise CardinalError(f"launcher not found: {command[0]} (see --launcher)") from None
-            if code != 0:
-                raise CardinalError(f"training {arch} (seed {seed}) failed with exit code {code}; "
-                                    f"finished runs are kept in {args.output_dir}, run the study again to resume")
+            code, errors = run_training(command)
+            if code == 0:
+                sys.stderr.writelines(errors)
+                continue
+            sys.stderr.writelines(errors[:-1])
+            why = errors[-1][len("error: "):].strip() if errors else f"exit code {code}"
+            raise CardinalError(f"training {arch} (seed {seed}) failed: {why}; finished runs are kept in "
+                                f"{args.output_dir}, run the study again to resume")
     if not args.summary or args.dry_run:
         return 0
     from cardinal import summary

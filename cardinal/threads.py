@@ -15,6 +15,11 @@ from typing import Optional
 LAUNCHER_MARK = "ACCELERATE_DYNAMO_BACKEND"  # set by `accelerate launch` for the script it starts
 
 
+def launched_by_accelerate() -> bool:
+    """Whether ``accelerate launch`` started this process (it exports its settings to the script)."""
+    return LAUNCHER_MARK in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

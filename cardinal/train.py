@@ -1,7 +1,7 @@
 """Train a registered architecture on CIFAR with Accelerate; one CSV row per epoch.
 
-    accelerate launch -m cardinal.train --arch resnet50
-    accelerate launch -m cardinal.train --arch resnext50_32x4d --recipe fast --mixed-precision bf16
+    python -m cardinal.train --arch resnet50                       # one process
+    accelerate launch --config_file launch/gpu-bf16.yaml -m cardinal.train --arch resnext50_32x4d --recipe fast
 
 Flow: arguments -> TrainConfig -> (data, model) -> Accelerator.prepare -> epochs -> records -> files.
 ``train`` reads as its three steps: set up, run the epochs (``StopRule`` alone decides when they end),
@@ -63,6 +63,7 @@ from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, e
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
 
 IMAGE_SIZE = (3, 32, 32)
+EVAL_NAME = "eval.json"  # what --eval-only writes; a training run removes a stale one from its folder
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
 # --epochs is decided separately (see check_epochs_change).
 RESUMABLE_CHANGES = {"save_every", "max_steps", "limit_eval_batches", "progress", "export", "eval_batch_size",
@@ -103,7 +104,7 @@ def run_name_arg(text: str) -> str:
 
 
 def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
-    parser = ArgumentParser(prog="accelerate launch -m cardinal.train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m cardinal.train", description=__doc__.split("\n")[0])
     what = parser.add_argument_group("what to train")
     what.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
                       help=f"architecture: {', '.join(list_archs())}")
@@ -179,8 +180,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     how.add_argument("--limit-eval-batches", type=non_negative_int, default=0,
                      help="evaluation batches per epoch (0: all)")
     how.add_argument("--eval-only", action="store_true",
-                     help="evaluate --init-weights (or --resume) and exit; weights from a run folder are "
-                          "normalised as in its config.json")
+                     help="evaluate --init-weights (or --resume) and exit, normalised as the weights were "
+                          "trained (their <stem>.json or their run folder's config.json); the result goes to "
+                          "OUTPUT_DIR/eval-<folder>-<file>/eval.json (or --run-name), or the --resume folder")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="runs", help="parent folder of run folders")
@@ -278,14 +280,24 @@ def resumed_config(run_dir: Path, fresh: TrainConfig, explicit: Set[str]) -> Tra
     return replace(saved, recipe=recipe, **{k: v for k, v in changes.items() if hasattr(saved, k)})
 
 
-def _training_normalization(weights: Path, recipe):
-    """Weights from a cardinal run are evaluated with the normalisation they were trained with."""
-    path = weights.parent / CONFIG_NAME
-    try:
-        saved = TrainConfig.from_dict(json.loads(path.read_text())).recipe
-    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+def _training_normalization(weights: Path, recipe, explicit: Set[str] = frozenset()):
+    """Weights are evaluated with the normalisation they were trained with (their own <stem>.json, else
+    their run folder's config.json); an explicit --mean/--std that differs is refused. Only a file that
+    carries none (saved by hand) takes the recipe's or the flags', and says so."""
+    from cardinal.export import read_normalization
+
+    own = read_normalization(weights)
+    if own is None:
+        if os.environ.get("RANK", "0") == "0" and weights.is_file():  # a missing file is an error later
+            source = "--mean/--std" if explicit & {"mean", "std"} else "the recipe's"
+            print(f"{weights} carries no normalisation: evaluating with {source} mean {_shown(tuple(recipe.mean))}, "
+                  f"std {_shown(tuple(recipe.std))}", flush=True)
         return recipe
-    return replace(recipe, mean=saved.mean, std=saved.std)
+    for name in sorted(explicit & {"mean", "std"}):
+        if tuple(getattr(recipe, name)) != tuple(getattr(own, name)):
+            raise CardinalError(f"--{name} {_shown(tuple(getattr(recipe, name)))} differs from the {name} {weights} "
+                                f"was trained with ({own.describe()}); leave --mean/--std out")
+    return replace(recipe, mean=own.mean, std=own.std)
 
 
 @contextmanager
@@ -523,7 +535,8 @@ def diverged(epoch: int, what: str, session: Session, progress: Progress) -> Car
                          f"and {kept}; start a new run with a lower --lr or with --grad-clip")
 
 
-def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Optional[int]) -> Dict[str, Any]:
+def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Optional[int],
+              on_step=None) -> Dict[str, Any]:
     """Train one epoch and evaluate; returns the epoch's row. Non-finite loss or evaluation is an error."""
     config, device = session.config, session.accelerator.device
     session.loader.set_epoch(epoch)
@@ -535,7 +548,7 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
     try:
         trained = train_epoch(session.accelerator, session.model, session.loader, session.optimizer, lr_schedule,
                               config.recipe.label_smoothing, config.grad_accum, config.recipe.grad_clip,
-                              steps_left, session.report.step, session.average)
+                              steps_left, on_step or session.report.step, session.average)
     except NonFiniteLoss:
         session.report.end_epoch({})
         raise diverged(epoch, "the training loss", session, progress) from None
@@ -553,11 +566,29 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
                      peak_memory_mb(device), validated, test_average, val_average)
 
 
+def _step_clock(session: Session, progress: Progress, rule: StopRule):
+    """The progress bar's step callback, which also announces the estimated time once the first steps ran."""
+    from cardinal.eta import FirstStepsClock, planned_steps
+
+    epochs = rule.epochs - progress.epoch
+    epochs = min(epochs, rule.stop_after) if rule.stop_after else epochs
+    clock = FirstStepsClock(planned_steps(epochs, len(session.loader), rule.steps_left(progress.global_step)),
+                            epochs, session.report.line)
+    clock.done = clock.done or not session.main_process
+
+    def on_step(loss: Optional[float]) -> None:
+        session.report.step(loss)
+        clock(loss)
+
+    return on_step
+
+
 def run_epochs(session: Session, progress: Progress, rule: StopRule, records: RunRecords) -> None:
     config = session.config
+    on_step = _step_clock(session, progress, rule)
     while not rule.done(progress.epoch, progress.global_step):
         epoch = progress.epoch + 1
-        row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step))
+        row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step), on_step)
         if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
             save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
                 "epoch": progress.epoch, "global_step": progress.global_step,
@@ -572,27 +603,34 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
 
 def evaluate_only(session: Session) -> None:
     result = session.evaluate()
+    config = session.config
     summary = {"test_loss": result.loss, "test_acc": result.accuracy, "test_images": result.images,
-               "world_size": session.accelerator.num_processes}
+               "world_size": session.accelerator.num_processes, "arch": config.arch, "dataset": config.dataset,
+               "weights": str(Path(config.init_weights).resolve()) if config.init_weights else
+               str(session.run_dir / "checkpoint"), "mean": list(config.recipe.mean), "std": list(config.recipe.std)}
     if result.flip_accuracy is not None:
         summary["test_acc_tta"] = result.flip_accuracy
     averaged = session.evaluate_average()
     if averaged is not None:
         summary["test_acc_ema"] = averaged.accuracy
     if session.main_process:
-        write_text_atomic(session.run_dir / "eval.json", json.dumps(summary, indent=2))
-    session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        write_text_atomic(session.run_dir / EVAL_NAME, json.dumps(summary, indent=2))
+    shown = {k: v for k, v in summary.items() if k not in ("weights", "mean", "std", "arch", "dataset")}
+    session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+    session.report.line(f"wrote {session.run_dir / EVAL_NAME}")
 
 
 def finish(session: Session, records: RunRecords) -> None:
-    from cardinal.export import export_model, save_state_dict
+    from cardinal.export import Normalization, export_model, normalization_path, save_state_dict
 
     if session.config.export and session.main_process:
         plain = session.accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)
-        files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE)
-        written = list(files.written().values())
+        normalization = Normalization(tuple(session.config.recipe.mean), tuple(session.config.recipe.std))
+        files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE, normalization=normalization)
+        written = [*files.written().values(), normalization_path(files.state_dict)]
         if session.average is not None:
-            written.append(save_state_dict(session.average.module, session.run_dir / "model_ema_state.pt"))
+            written.append(save_state_dict(session.average.module, session.run_dir / "model_ema_state.pt",
+                                           normalization))
         session.report.line("exported " + ", ".join(str(p) for p in written))
     if session.main_process and records.rows:
         session.report.final(records.frame(), session.run_dir)
@@ -632,6 +670,9 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
     with run_folder(run_dir, resuming=resume_dir is not None or eval_only):
         if eval_only and resume_dir is not None and read_trainer_state(run_dir) is None:
             raise CardinalError(f"--eval-only: {run_dir} holds no complete checkpoint to evaluate")
+        if eval_only and resume_dir is None and (run_dir / CSV_NAME).exists():
+            raise CardinalError(f"--eval-only: {run_dir} holds a training run, and its {EVAL_NAME} would describe "
+                                "other weights; pass another --run-name (or --resume it to evaluate its checkpoint)")
         session = set_up(config, run_dir)
         clean = False
         try:
@@ -644,10 +685,19 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
             records = RunRecords(run_dir, info, previous_rows(session, progress))  # read before writing
             config = replace(session.config, compile=info["compiled"])  # the recipe as sized in set_up
             write_config(session, config)
+            if session.main_process:  # an earlier --eval-only result describes other weights
+                (run_dir / EVAL_NAME).unlink(missing_ok=True)
             start_tracking(session.accelerator, session.trackers, run_dir, config.to_dict())
             session.report.line(header(session, info))
+            if progress.epoch:
+                session.report.line(f"resuming at epoch {progress.epoch + 1} of {config.recipe.epochs} "
+                                    f"(checkpoint of epoch {progress.epoch}, step {progress.global_step})")
             rule = StopRule(config.recipe.epochs, config.max_steps, stop_after, progress.epoch + 1)
-            run_epochs(session, progress, rule, records)
+            try:
+                run_epochs(session, progress, rule, records)
+            except KeyboardInterrupt as interrupt:
+                interrupt.hint = f"resume with --resume {run_dir}"  # shown by cardinal.cli.run
+                raise
             finish(session, records)
             clean = True
         finally:
@@ -666,6 +716,14 @@ def _close(accelerator, clean: bool) -> None:
         torch.distributed.destroy_process_group()
 
 
+def launch_command(argv: Sequence[str]) -> str:
+    """How this run was started, for the CSV's ``command`` column."""
+    from cardinal.threads import launched_by_accelerate
+
+    launcher = "accelerate launch" if launched_by_accelerate() else "python"
+    return f"{launcher} -m cardinal.train " + shlex.join(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -676,9 +734,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = resumed_config(resume_dir, config, explicit)
     if args.eval_only and not (config.init_weights or resume_dir):
         raise CardinalError("--eval-only needs --init-weights FILE or --resume RUN_DIR")
-    if args.eval_only and resume_dir is None and not explicit & {"recipe", "mean", "std"}:
-        config = replace(config, recipe=_training_normalization(Path(config.init_weights), config.recipe))
-    command = "accelerate launch -m cardinal.train " + shlex.join(argv)
+    if args.eval_only and resume_dir is None:
+        weights = Path(config.init_weights)
+        config = replace(config, recipe=_training_normalization(weights, config.recipe, explicit))
+        if "run_name" not in explicit:  # a folder of its own: never a training run's of the same name
+            config = replace(config, run_name=f"eval-{weights.resolve().parent.name}-{weights.stem}")
+    command = launch_command(argv)
     return train(config, resume_dir, args.eval_only, args.stop_after, command)
 
 

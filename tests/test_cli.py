@@ -50,3 +50,75 @@ def test_epoch_rows_fit_80_columns_and_keep_every_digit():
         assert number in text, (number, text)
     for title in ("Epoch", "loss", "acc", "LR", "img/s", "TFLOP/s", "Peak"):
         assert title in text
+
+
+def _frame(epochs, run_dir_name):
+    import pandas as pd
+
+    rows = [{**_row(epoch=e), "it_per_s": 1.0, "arch": "resnext50_32x4d", "dataset": "cifar10", "recipe": "fast",
+             "params": 22_992_714, "gflops": 2.69, "precision": "bf16", "world_size": 1,
+             "device": "AMD EPYC 7B13 64-Core Processor (2 threads)"} for e in range(1, epochs + 1)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("epochs, label", [(1, "median, epoch 1"), (3, "median, epochs 2+")])
+def test_final_table_folds_long_paths_and_labels_speed_by_the_epochs_used(tmp_path, epochs, label):
+    from pathlib import Path
+
+    buffer = io.StringIO()
+    report = ConsoleReport(console=Console(file=buffer, width=80, force_terminal=False), progress=False)
+    run_dir = Path("/a/rather/long/output/folder/of/someone") / "resnext50_32x4d-fast-cifar10-seed1234567"
+    report.final(_frame(epochs, run_dir.name), run_dir)
+    text = buffer.getvalue()
+    assert "…" not in text and all(len(line) <= 80 for line in text.splitlines())
+    assert "".join(line.strip("│ ") for line in text.splitlines()).count("seed1234567/epochs.csv") == 1
+    assert label in text and ("epochs 2+" in text) == (epochs > 1)
+
+
+def test_an_interrupt_says_what_the_command_attached(capsys):
+    from cardinal.cli import run
+
+    def interrupted(argv):
+        error = KeyboardInterrupt()
+        error.hint = "resume with --resume runs/x"
+        raise error
+
+    with pytest.raises(SystemExit) as code:
+        run(interrupted, [])
+    assert code.value.code == 130 and capsys.readouterr().err == "interrupted; resume with --resume runs/x\n"
+
+
+def test_prose_wraps_at_the_readers_width_even_where_tables_run_wide(monkeypatch):
+    from cardinal.cli import make_console
+    from cardinal.prose import wrap
+
+    monkeypatch.setenv("COLUMNS", "80")
+    console = make_console(file=io.StringIO())  # not a terminal: tables may use 150 columns
+    text = wrap("* repeats disagree by more than 10%: that ratio is within the noise; " * 4, console, rest="  ")
+    assert console.width >= 150 and all(len(line) <= 80 for line in text.splitlines()) and "\n  " in text
+
+
+def test_the_csv_command_says_how_the_run_was_started(monkeypatch):
+    from cardinal.train import launch_command
+
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_command(["--arch", "tiny_resnet"]) == "python -m cardinal.train --arch tiny_resnet"
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    assert launch_command(["--epochs", "1"]) == "accelerate launch -m cardinal.train --epochs 1"
+
+
+def test_an_interrupted_training_run_says_how_to_resume_it(tmp_path, capsys, monkeypatch):
+    from cardinal import train
+    from cardinal.cli import run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_epochs", interrupted)
+    with pytest.raises(SystemExit) as code:
+        run(train.main, ["--arch", "tiny_resnet", "--dataset", "synthetic", "--synthetic-train", "64",
+                         "--synthetic-test", "32", "--batch-size", "32", "--no-progress", "--output-dir",
+                         str(tmp_path), "--run-name", "r"])
+    assert code.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted; resume with --resume {tmp_path / 'r'}"

@@ -129,7 +129,8 @@ def test_classes_above_the_matmul_peak_are_called_out(profiled):
 
 
 @pytest.mark.slow
-def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys):
+def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
     output, image, traces = tmp_path / "profile.csv", tmp_path / "profile.png", tmp_path / "traces"
     with pytest.raises(SystemExit) as code:
         run(profile.main, ["--archs", "tiny_resnet", "tiny_resnext", "--batch-size", "2", "--steps", "1",
@@ -152,8 +153,11 @@ def test_cli_writes_the_csv_plot_and_traces(tmp_path, capsys):
     for arch in ("tiny_resnet", "tiny_resnext"):
         trace = json.loads((traces / f"{arch}.pt.trace.json").read_text())
         assert any(str(event.get("name", "")).startswith("cardinal.op conv_") for event in trace["traceEvents"])
-    out = capsys.readouterr().out
-    assert "Takeaways" in out and "grouped convs" in out
+    captured = capsys.readouterr()
+    assert "Takeaways" in captured.out and "grouped convs" in captured.out
+    wide = [line for line in captured.out.splitlines() if len(line) > 80 and str(tmp_path) not in line]
+    assert not wide, wide  # COLUMNS=80: only a line holding a long path may run past it
+    assert "USDT" not in captured.err and "gpuGetDeviceCount" not in captured.err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -190,3 +194,20 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, capsys, monkeypatch):
         run(profile.main, ["--archs", "tiny_resnet", "--device", "cpu", "--output", str(tmp_path / "p.csv"),
                            "--plot", str(tmp_path / "p.png")])
     assert code.value.code == 2 and "pip install 'cardinal[plot]'" in capsys.readouterr().err
+
+
+def test_the_profilers_status_lines_are_filtered_and_real_messages_kept(capfd):
+    import os
+
+    with profile.native_noise_filtered():
+        os.write(2, b"USDT:2026-11-30 03:23:11 6083:6083 SyncActivityProfilerHandler.cpp:39] profiler_start\n")
+        os.write(2, b"ERROR:2026-11-30 03:23:11 6083:6083 DeviceProperties.cpp:56] gpuGetDeviceCount failed "
+                    b"with code 35\n")
+        os.write(2, b"a real problem\n")
+    assert capfd.readouterr().err == "a real problem\n"
+
+
+def test_profiling_on_the_cpu_prints_nothing_on_stderr(capfd):
+    with profile.native_noise_filtered(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        torch.ones(4).add_(1)
+    assert capfd.readouterr().err == ""

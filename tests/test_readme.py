@@ -1,7 +1,10 @@
 """The README's Python examples are part of the API contract: they must run as written."""
 
 import re
+import shlex
 from pathlib import Path
+
+import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -23,3 +26,95 @@ def test_architecture_table_matches_the_registry():
     assert set(rows) == set(list_archs())
     for name in ("resnet50", "resnext50_flat128", "tiny_resnet"):
         assert int(rows[name].replace(",", "")) == model_cost(build_model(name)).params
+
+
+# --- every command of the README parses with its exact flags; the cheap ones run for real -----------------
+
+LAUNCH_VALUES = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
+
+
+def readme_commands():
+    """(launcher tokens, module, arguments, source line) of every ``-m cardinal.X`` command in a bash block;
+    line continuations joined, shell variables and loop variables replaced by their (first) value."""
+    found = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        variables = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            for name, value in re.findall(r"\bfor (\w+) in (\S+)", line):
+                variables[name] = value
+            line = re.sub(r"\$(\w+)", lambda m, known=variables: known.get(m[1], m[0]), line)
+            tokens = shlex.split(line, comments=True)
+            if len(tokens) == 1 and re.fullmatch(r"\w+=.*", tokens[0]):  # NAME=value on a line of its own
+                name, value = tokens[0].split("=", 1)
+                variables[name] = value
+                continue
+            command = []
+            for token in [*tokens, ";"]:
+                if token not in ("&&", ";", "|", "do", "done"):
+                    command.append(token)
+                    continue
+                if "-m" in command and command.index("-m") + 1 < len(command) \
+                        and command[command.index("-m") + 1].startswith("cardinal."):
+                    at = command.index("-m")
+                    found.append((command[:at], command[at + 1], command[at + 2:], line.strip()))
+                command = []
+    return found
+
+
+def parse_command(module, args):
+    """Parse ``args`` as ``python -m module`` would (study passes what it does not know to train)."""
+    import importlib
+
+    from cardinal import train
+
+    if module == "cardinal.study":
+        if "--" in args:
+            args, passthrough = args[:args.index("--")], args[args.index("--") + 1:]
+        else:
+            passthrough = []
+        _, unknown = importlib.import_module(module).build_parser().parse_known_args(args)
+        train.build_parser().parse_args(unknown + passthrough)
+    else:
+        importlib.import_module(module).build_parser().parse_args(args)
+
+
+def test_every_readme_command_parses_and_no_launch_warns(capsys):
+    from accelerate.commands.launch import launch_command_parser
+
+    commands = readme_commands()
+    modules = {module for _, module, _, _ in commands}
+    assert {"cardinal.train", "cardinal.study", "cardinal.summary", "cardinal.export", "cardinal.bench",
+            "cardinal.profile"} <= modules
+    for launcher, module, args, line in commands:
+        try:
+            parse_command(module, args)
+        except SystemExit:
+            pytest.fail(f"README command does not parse: {line}\n{capsys.readouterr().err}")
+        if module == "cardinal.study" and "--launcher" in args:  # the launcher the study starts runs with
+            launcher = shlex.split(args[args.index("--launcher") + 1])
+        if "accelerate" in launcher:
+            at = launcher.index("accelerate")
+            assert launcher[at + 1] == "launch", line
+            flags = launcher[at + 2:]
+            # accelerate warns about every value that neither a config file nor a flag gives
+            assert "--config_file" in flags or all(flag in flags for flag in LAUNCH_VALUES), line
+            if "--config_file" in flags:
+                assert (README.parent / flags[flags.index("--config_file") + 1]).is_file(), line
+            launch_command_parser().parse_args([*flags, "-m", module, *args])
+        else:
+            assert launcher[-1] in ("python", "python3"), line
+
+
+@pytest.mark.slow
+def test_the_readmes_small_training_command_runs_on_generated_cifar(cifar_dir, tmp_path):
+    from conftest import cli, output_tail
+
+    launcher, module, args, line = next(c for c in readme_commands()
+                                        if c[1] == "cardinal.train" and "tiny_resnet" in c[2] and "--data-dir" in c[2])
+    assert launcher == ["python"]
+    args = [str(cifar_dir) if a == "../shared/data/cifar10-sample" else a for a in args]
+    done = cli(module, [*args, "--no-progress", "--limit-batches", "1", "--no-export", "--output-dir", str(tmp_path)])
+    assert done.returncode == 0, output_tail(done)
+    runs = list(tmp_path.glob("*/epochs.csv"))
+    assert len(runs) == 1 and "Records" in done.stdout and "…" not in done.stdout
+    assert "were not passed" not in done.stdout + done.stderr

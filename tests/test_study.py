@@ -55,3 +55,48 @@ def test_a_folder_with_records_but_no_checkpoint_is_resumed_from_the_start(tmp_p
     (run_dir / "epochs.csv").write_text("epoch,test_acc\n1,10.0\n")
     code, out, _ = _study(tmp_path, "fast", 3, capsys)
     assert code == 0 and "--resume" in out  # train restarts it from epoch 1 (tests/test_checkpoint.py)
+
+
+LAUNCHER_TRACEBACK = """Traceback (most recent call last):
+  File "/venv/bin/accelerate", line 8, in <module>
+    sys.exit(main())
+  File "/venv/lib/accelerate/commands/launch.py", line 1000, in simple_launcher
+    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)
+subprocess.CalledProcessError: Command '['python', '-m', 'cardinal.train']' returned non-zero exit status 2.
+"""
+
+
+def test_the_launchers_traceback_is_dropped_and_the_runs_error_held_back():
+    import io
+
+    child = ["a warning\n", "error: cifar10 not found in /nowhere\n", *LAUNCHER_TRACEBACK.splitlines(True),
+             "Traceback (most recent call last):\n", '  File "x.py", line 1\n', "ValueError: a real crash\n"]
+    out = io.StringIO()
+    errors = study_module.relay_stderr(child, out)
+    assert errors == ["error: cifar10 not found in /nowhere\n"]
+    assert out.getvalue() == "a warning\nTraceback (most recent call last):\n  File \"x.py\", line 1\n" \
+                             "ValueError: a real crash\n"
+
+
+def test_the_default_launcher_passes_what_accelerate_would_warn_about(monkeypatch, tmp_path):
+    import accelerate.commands.config as accelerate_config
+
+    monkeypatch.setattr(accelerate_config, "default_config_file", str(tmp_path / "none.yaml"))
+    command = study_module.default_launcher()
+    for flag in ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend", "--quiet"):
+        assert flag in command
+    (tmp_path / "none.yaml").write_text("num_processes: 1\n")  # the user's own config decides
+    assert study_module.default_launcher()[-1] == "--quiet"
+
+
+@pytest.mark.slow
+def test_a_failed_run_ends_the_study_with_one_line_and_no_traceback(tmp_path):
+    from conftest import cli, output_tail
+
+    done = cli("cardinal.study", ["--archs", "tiny_resnet", "--epochs", "1", "--data-dir", str(tmp_path / "none"),
+                                  "--output-dir", str(tmp_path / "study"), "--", "--no-download"])
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2, output_tail(done)
+    assert lines[-1].startswith("error: training tiny_resnet (seed 0) failed: cifar10 not found in ")
+    assert "run the study again to resume" in lines[-1] and done.stderr.strip().splitlines() == [lines[-1]]
+    assert "Traceback" not in done.stdout + done.stderr and "were not passed" not in done.stdout + done.stderr

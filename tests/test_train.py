@@ -42,11 +42,13 @@ def _check_run_folder(run_dir, frame, epochs, arch="tiny_resnet"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.load(str(run_dir / "model.ts"))
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.rand(4, 3, 32, 32)  # the exports take images in [0, 1] and normalise with model_state.json's
+    norm = json.loads((run_dir / "model_state.json").read_text())
+    normalised = (x - torch.tensor(norm["mean"]).view(1, 3, 1, 1)) / torch.tensor(norm["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(scripted(x), model(normalised), atol=1e-5, rtol=0)
         program = torch.export.load(str(run_dir / "model.pt2")).module()
-        torch.testing.assert_close(program(x), model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(program(x), model(normalised), atol=1e-5, rtol=0)
 
 
 def test_synthetic_run_writes_csv_config_checkpoint_and_export(tmp_path):
