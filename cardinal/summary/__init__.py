@@ -33,7 +33,8 @@ from cardinal.summary.group import Group, group_runs
 from cardinal.summary.load import Run, Skipped, load_runs
 from cardinal.summary.takeaways import notes, takeaways
 
-__all__ = ["Group", "Run", "Skipped", "Summary", "arch_pairs", "gap_table", "group_runs", "load_runs", "main",
+__all__ = ["Group", "Run", "Skipped", "Summary", "arch_pairs", "build_parser", "gap_table", "group_runs", "load_runs",
+           "main",
            "recipe_pairs", "summarize"]
 
 
@@ -69,6 +70,13 @@ def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None) -> Sum
     recipes = gap_table(recipe_pairs(groups), results)
     return Summary(groups, loaded.skipped, results, models, final_table(groups), final_gaps(groups), gaps,
                    speeds, recipes, takeaways(groups, models, gaps, speeds, recipes), notes(groups, models))
+
+
+def build_parser():
+    """The command line's parser (in cli.py, which imports this package: imported when asked for)."""
+    from cardinal.summary.cli import build_parser as cli_parser
+
+    return cli_parser()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
