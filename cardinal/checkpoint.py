@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from cardinal.cli import CardinalError
+from cardinal.crash import crash_point
 from cardinal.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
@@ -83,9 +84,13 @@ def recover(run_dir: Path) -> None:
         shutil.rmtree(parking, ignore_errors=True)
         if folders["final"].exists():
             folders["final"].rename(parking)
+            crash_point("checkpoint-parked")
         newest.rename(folders["final"])
+        crash_point("checkpoint-promoted")
     for name in ("staging", "previous"):
-        shutil.rmtree(folders[name], ignore_errors=True)
+        if folders[name].exists():
+            shutil.rmtree(folders[name], ignore_errors=True)
+            crash_point(f"{name}-removed")
 
 
 def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -136,6 +141,7 @@ def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state:
     try:
         _save_files(accelerator, model, optimizer, folders["staging"], average)
         accelerator.wait_for_everyone()
+        crash_point("checkpoint-files-written")
         if accelerator.is_main_process:
             state = {**trainer_state, "format": FORMAT, "world_size": accelerator.num_processes}
             write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(state, indent=2))

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cardinal.crash import crash_point
+
 
 @contextmanager
 def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
@@ -16,7 +18,9 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
     temp = path.with_name(f".tmp.{path.name}")
     try:
         yield temp
+        crash_point(f"before-replace:{path.name}")
         os.replace(temp, path)
+        crash_point(f"after-replace:{path.name}")
     finally:
         if temp.exists():
             temp.unlink()

@@ -61,6 +61,7 @@ from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row, read_csv
+from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, remove_lock, run_lock
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
 
 IMAGE_SIZE = (3, 32, 32)
@@ -291,8 +292,9 @@ def _training_normalization(weights: Path, recipe):
 
 @contextmanager
 def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
-    """Create (or check) the run folder; a start that fails before writing anything leaves no folder
-    (nor the parents it created, such as a first ``runs/``)."""
+    """Create (or check) the run folder and hold its lock for the run's life; a start that fails before
+    writing anything leaves no folder (nor the parents it created, such as a first ``runs/``)."""
+    check_not_symlink(run_dir)
     created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,12 +304,13 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
     except OSError as error:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
     try:
-        if not resuming and (run_dir / CSV_NAME).exists():
-            raise CardinalError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it "
-                                "or --run-name to start another")
-        yield run_dir
+        with run_lock(run_dir):
+            if not resuming:
+                check_fresh(run_dir)
+            yield run_dir
     except BaseException:
-        if os.environ.get("RANK", "0") == "0":
+        if created and is_main_rank():
+            remove_lock(run_dir)
             for folder in created:  # deepest first; rmdir removes only empty folders
                 with suppress(OSError):
                     folder.rmdir()
@@ -558,13 +561,13 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
     while not rule.done(progress.epoch, progress.global_step):
         epoch = progress.epoch + 1
         row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step))
+        if session.main_process:  # the row first: a kill before the checkpoint only retrains this epoch
+            records.add(row)
         if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
             save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
                 "epoch": progress.epoch, "global_step": progress.global_step,
                 "schedule_step": progress.schedule_step, "schedule_total_steps": session.schedule.total_steps,
                 "arch": config.arch, "dataset": config.dataset}, session.average)
-        if session.main_process:
-            records.add(row)
         session.report.end_epoch(row)
         if session.trackers:
             session.accelerator.log(metrics_of(row), step=epoch)
