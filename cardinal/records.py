@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -177,7 +178,7 @@ class ConsoleReport:
 
     def line(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)  # paths and names print as typed
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if not self.show_progress:
@@ -220,7 +221,8 @@ class ConsoleReport:
         first = frame.iloc[0]
         best = frame.loc[frame["test_acc"].idxmax()]
         last = frame.iloc[-1]
-        table = Table(title=f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)", show_header=False)
+        table = Table(title=escape(f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)"),
+                      show_header=False)
         table.add_column("")
         table.add_column("", justify="right")
         extra = []
@@ -247,6 +249,6 @@ class ConsoleReport:
             ("Device", str(first["device"])),
             ("Records", str(run_dir / CSV_NAME)),
         ):
-            table.add_row(label, value)
+            table.add_row(escape(label), escape(value))
         self.console.print(table)
 

@@ -63,6 +63,7 @@ from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedul
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row, read_csv
 from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, remove_lock, run_lock
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
+from cardinal.validate import IMAGE_SIDE, MAX_LR, MAX_SYNTHETIC_IMAGES, is_folder_name, validate_config
 
 IMAGE_SIZE = (3, 32, 32)
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
@@ -99,7 +100,7 @@ def count_or_fraction(text: str) -> float:
 
 def run_name_arg(text: str) -> str:
     """A run name is one folder name: it cannot point outside --output-dir."""
-    if text and (text in (".", "..") or Path(text).name != text or "/" in text or "\\" in text):
+    if text and not is_folder_name(text):
         raise argparse.ArgumentTypeError(f"must be a single folder name, got {text!r}")
     return text
 
@@ -114,8 +115,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     what.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                       help="download and md5-verify CIFAR into --data-dir when it is missing (the default); "
                            "--no-download for offline machines")
-    what.add_argument("--synthetic-train", type=positive_int, default=2048, help="synthetic: training images")
-    what.add_argument("--synthetic-test", type=positive_int, default=512, help="synthetic: test images")
+    what.add_argument("--synthetic-train", type=positive_int, default=2048,
+                      help=f"synthetic: training images (at most {MAX_SYNTHETIC_IMAGES})")
+    what.add_argument("--synthetic-test", type=positive_int, default=512,
+                      help=f"synthetic: test images (at most {MAX_SYNTHETIC_IMAGES})")
     what.add_argument("--synthetic-classes", type=positive_int, default=10, help="synthetic: classes")
     what.add_argument("--seed", type=seed_int, default=0,
                       help="seed of initialisation, shuffling and augmentation (0 to 4294967295)")
@@ -127,7 +130,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob = lambda flag, **kw: recipe.add_argument(flag, default=argparse.SUPPRESS, **kw)  # noqa: E731
     knob("--epochs", type=positive_int, help=_recipe_help("epochs", "epochs to train"))
     knob("--batch-size", type=positive_int, help=_recipe_help("batch_size", "global batch per optimizer step"))
-    knob("--lr", type=positive_float, help=_recipe_help("lr", "learning rate"))
+    knob("--lr", type=positive_float, help=_recipe_help("lr", f"learning rate (at most {MAX_LR:g})"))
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum"))
@@ -149,7 +152,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                                              "holds its peak before (1: decay right after the warm-up)"))
     knob("--final-lr-fraction", type=finite_float, help=_recipe_help("final_lr_fraction", "LR at the end / peak LR"))
     knob("--augment", choices=AUGMENTATIONS, help=_recipe_help("augment", "training augmentation"))
-    knob("--crop-padding", type=non_negative_int, help=_recipe_help("crop_padding", "random-crop padding in pixels"))
+    knob("--crop-padding", type=non_negative_int,
+         help=_recipe_help("crop_padding", f"random-crop padding in pixels (0 to {IMAGE_SIDE})"))
     knob("--mean", type=finite_float, nargs=3, help=_recipe_help("mean", "normalization mean (R G B)"))
     knob("--std", type=positive_float, nargs=3, help=_recipe_help("std", "normalization std (R G B)"))
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
@@ -674,6 +678,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
     config = config_from_args(args)
+    validate_config(config)
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None:
         config = resumed_config(resume_dir, config, explicit)
