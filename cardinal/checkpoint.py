@@ -49,9 +49,12 @@ def _saved_epoch(folder: Path) -> Optional[int]:
     if not path.is_file():
         return None
     try:
-        return int(json.loads(path.read_text())["epoch"])
+        epoch = json.loads(path.read_text())["epoch"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise CardinalError(f"cannot read {path}: not a trainer state written by cardinal") from None
+    if type(epoch) is not int or epoch < 1:
+        raise CardinalError(f"cannot read {path}: its epoch must be a whole number >= 1, got {epoch!r}")
+    return epoch
 
 
 def _complete(run_dir: Path) -> List[tuple]:
@@ -91,6 +94,12 @@ def recover(run_dir: Path) -> None:
         if folders[name].exists():
             shutil.rmtree(folders[name], ignore_errors=True)
             crash_point(f"{name}-removed")
+
+
+def trainer_state_path(run_dir: Path) -> Optional[Path]:
+    """The trainer.json a resume would use (before any folder is moved), or None."""
+    folder = checkpoint_dir(run_dir)
+    return None if folder is None else folder / TRAINER_STATE
 
 
 def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:

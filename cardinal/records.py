@@ -7,6 +7,7 @@ atomically after each epoch: a run killed at any moment leaves a complete, reada
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -18,10 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardinal.cli import CardinalError, make_console
-from cardinal.fileio import atomic_target
+from cardinal.fileio import atomic_target, read_regular_file
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
+MAX_CSV_BYTES = 64 << 20  # some 50,000 epochs of rows
 
 EPOCH_COLUMNS = (
     "epoch", "train_loss", "train_objective", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
@@ -90,12 +92,13 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A run's epochs.csv; anything that is not one (garbage, empty, missing columns) is a CardinalError."""
+    """A run's epochs.csv; anything that is not one (garbage, empty, missing columns, a FIFO, a device, a file
+    too large for any run) is a CardinalError."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.BytesIO(read_regular_file(path, MAX_CSV_BYTES)))
     except (OSError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CardinalError(f"cannot read {path}: {reason}") from None
+        reason = getattr(error, "strerror", None) or str(error).strip() or type(error).__name__
+        raise CardinalError(f"cannot read {path}: {reason.splitlines()[0]}") from None
     missing = [c for c in ("epoch", "test_acc") if c not in frame.columns]
     if missing:
         raise CardinalError(f"{path} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 
-from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint, trainer_state_path
 from cardinal.cli import (
     ArgumentParser,
     CardinalError,
@@ -60,10 +60,19 @@ from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_
 from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
-from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row, read_csv
+from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
 from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, remove_lock, run_lock
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
-from cardinal.validate import IMAGE_SIDE, MAX_LR, MAX_SYNTHETIC_IMAGES, is_folder_name, validate_config
+from cardinal.validate import (
+    IMAGE_SIDE,
+    MAX_LR,
+    MAX_SYNTHETIC_IMAGES,
+    check_rows_agree,
+    check_trainer_state,
+    checked_rows,
+    is_folder_name,
+    validate_config,
+)
 
 IMAGE_SIZE = (3, 32, 32)
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
@@ -490,6 +499,7 @@ def restore(session: Session, resuming: bool) -> Progress:
     if read_trainer_state(session.run_dir) is None:
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
+    check_resume_point(session)
     state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir,
                             session.average)
     config = session.config
@@ -502,6 +512,14 @@ def restore(session: Session, resuming: bool) -> Progress:
                             "settings")
     return Progress(int(state["epoch"]), int(state["global_step"]),
                     int(state.get("schedule_step", state["global_step"])))
+
+
+def check_resume_point(session: Session) -> None:
+    """trainer.json and epochs.csv must agree before any checkpoint folder is moved or loaded."""
+    path, state = trainer_state_path(session.run_dir), read_trainer_state(session.run_dir)
+    check_trainer_state(state, path, session.config, len(session.loader))
+    rows = checked_rows(session.run_dir / CSV_NAME, state["epoch"], run_info(session))
+    check_rows_agree(state, rows, path)
 
 
 def run_info(session: Session) -> Dict[str, Any]:
@@ -615,12 +633,11 @@ def write_config(session: Session, config: TrainConfig) -> None:
 
 
 def previous_rows(session: Session, progress: Progress):
-    """Records of the epochs the checkpoint covers; later ones (written after it) are dropped."""
-    path = session.run_dir / CSV_NAME
-    if progress.epoch == 0 or not path.exists():
+    """Records of the epochs the checkpoint covers (checked before it was loaded); later ones, written
+    before a kill interrupted their checkpoint, are trained again."""
+    if progress.epoch == 0:
         return None
-    frame = read_csv(path)
-    return frame[frame["epoch"] <= progress.epoch]
+    return checked_rows(session.run_dir / CSV_NAME, progress.epoch, run_info(session))
 
 
 def header(session: Session, info: Dict[str, Any]) -> str:

@@ -8,10 +8,13 @@ the flag would, instead of a traceback deep in training.
 from __future__ import annotations
 
 import math
+import os
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import pandas as pd
 
 from cardinal.cli import MAX_SEED, CardinalError
 
@@ -128,3 +131,62 @@ def validate_config(config) -> None:
     for ok, message in _bounds(config):
         if not ok:
             raise CardinalError(message)
+
+
+# --- resuming: the checkpoint and the records must tell one story ----------------------------------------------
+
+IDENTITY_COLUMNS = ("arch", "dataset", "recipe", "seed", "params", "image_size", "global_batch")
+
+
+def _whole(state: Dict[str, Any], key: str, low: int, high: int, path: Path) -> int:
+    value = state.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise CardinalError(f"cannot resume: {path} is not a trainer state of this run ({key} must be a whole "
+                            f"number from {low} to {high}, got {value!r}); restore it or start a new run")
+    return value
+
+
+def check_trainer_state(state: Dict[str, Any], path: Path, config, steps_per_epoch: int) -> None:
+    """Types and ranges of trainer.json, against the run's length and its steps per epoch."""
+    epoch = _whole(state, "epoch", 1, config.recipe.epochs, path)
+    global_step = _whole(state, "global_step", 0, epoch * steps_per_epoch, path)
+    _whole(state, "schedule_step", 0, global_step, path)
+    _whole(state, "schedule_total_steps", 1, 2**62, path)
+    for key in ("arch", "dataset"):
+        if state.get(key) != getattr(config, key):
+            raise CardinalError(f"cannot resume: {path} is for {key} {state.get(key)!r}, this run's is "
+                                f"{getattr(config, key)!r}")
+
+
+def checked_rows(path: Path, epoch: int, identity: Dict[str, Any]) -> pd.DataFrame:
+    """The rows of epochs 1..epoch of this run (later ones were written after the checkpoint and are
+    trained again); any row of another run, a repeated or fractional epoch, or a missing one is an error."""
+    from cardinal.records import read_csv
+
+    if not os.path.lexists(path):
+        raise CardinalError(f"cannot resume: {path} is missing, but the checkpoint holds {epoch} epoch(s); "
+                            "restore it from a copy or start a new run")
+    frame = read_csv(path)
+    epochs = frame["epoch"]
+    if not (epochs == epochs.round()).all() or (epochs < 1).any() or epochs.duplicated().any():
+        raise CardinalError(f"cannot resume: {path} has repeated or non-whole epochs; restore it from a copy")
+    for column in IDENTITY_COLUMNS:
+        if column not in frame.columns or (frame[column].astype(str) != str(identity[column])).any():
+            raise CardinalError(f"cannot resume: {path} holds rows of another run (its {column} is not "
+                                f"{identity[column]}); restore the run's own epochs.csv")
+    covered = frame[epochs <= epoch]
+    missing = sorted(set(range(1, epoch + 1)) - set(covered["epoch"].astype(int)))
+    if missing:
+        raise CardinalError(f"cannot resume: {path} lacks the rows of epoch(s) {', '.join(map(str, missing))} "
+                            f"that the checkpoint covers; restore it from a copy or start a new run")
+    return covered.sort_values("epoch").reset_index(drop=True)
+
+
+def check_rows_agree(state: Dict[str, Any], rows: pd.DataFrame, path: Path) -> None:
+    """The checkpoint's step counts are the sums of its epochs' rows: a stale or planted one is refused."""
+    steps = int(rows["steps"].sum()) if "steps" in rows else None
+    applied = steps - int(rows["skipped_steps"].sum()) if steps is not None and "skipped_steps" in rows else None
+    if (steps, applied) != (state["global_step"], state["schedule_step"]):
+        raise CardinalError(f"cannot resume: {path} (global_step {state['global_step']}, schedule_step "
+                            f"{state['schedule_step']}) does not match the {len(rows)} epochs recorded in "
+                            "epochs.csv; restore the run's own files or start a new run")
