@@ -55,3 +55,22 @@ def test_a_folder_with_records_but_no_checkpoint_is_resumed_from_the_start(tmp_p
     (run_dir / "epochs.csv").write_text("epoch,test_acc\n1,10.0\n")
     code, out, _ = _study(tmp_path, "fast", 3, capsys)
     assert code == 0 and "--resume" in out  # train restarts it from epoch 1 (tests/test_checkpoint.py)
+
+
+def test_a_run_trained_but_not_exported_is_resumed_to_export(tmp_path, capsys):
+    run_dir = _arrange(tmp_path, "fast", 3, 3)
+    (run_dir / "model.ts").write_bytes(b"")  # killed during the export: model.pt2 and the state are missing
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "--resume" in out and "skipped" not in out
+    for name in ("model.pt2", "model_state.pt"):
+        (run_dir / name).write_bytes(b"")
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "skipped" in out and "$" not in out
+
+
+def test_a_run_without_export_is_done_when_trained(tmp_path, capsys):
+    run_dir = _arrange(tmp_path, "fast", 3, 3)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "export": False}))
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "skipped" in out
