@@ -318,7 +318,7 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
     try:
         with run_lock(run_dir):
-            if not resuming:
+            if not resuming and is_main_rank():
                 check_fresh(run_dir)
             yield run_dir
     except BaseException:

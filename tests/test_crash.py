@@ -40,7 +40,7 @@ def _metrics(run_dir):
 
 
 def _assert_same_records(run_dir, straight):
-    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(straight), check_exact=False, rtol=1e-6)
+    pd.testing.assert_frame_equal(_metrics(run_dir), _metrics(straight), check_exact=True)
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".checkpoint")) == []
 
 
