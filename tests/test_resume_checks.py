@@ -85,7 +85,7 @@ def _edit_state(run_dir, **changes):
     ({"epoch": 99}, ["epoch", "from 1 to 3", "99"]),
     ({"global_step": ...}, ["global_step", "None"]),
     ({"global_step": "abc"}, ["global_step", "abc"]),
-    ({"global_step": 3}, ["does not match", "global_step 3"]),  # a whole number, but not the rows' steps
+    ({"global_step": 3, "schedule_step": 3}, ["does not match", "global_step 3"]),  # in range, not the rows' sum
     ({"schedule_step": 1e6}, ["schedule_step", "1000000.0"]),
     ({"schedule_step": 10**6}, ["schedule_step", "1000000"]),
     ({"schedule_total_steps": 0}, ["schedule_total_steps"]),
