@@ -20,8 +20,8 @@ import cardinal.train as train_module
 from cardinal.cli import run
 from cardinal.crash import CRASH_ENV
 
-ARGS = ["--arch", "tiny_resnet", "--no-progress", "--dataset", "synthetic", "--synthetic-train", "128",
-        "--synthetic-test", "64", "--batch-size", "64", "--recipe", "fast", "--epochs", "2", "--ema-decay", "0.9",
+ARGS = ["--arch", "tiny_resnet", "--no-progress", "--dataset", "synthetic", "--synthetic-train", "32",
+        "--synthetic-test", "16", "--batch-size", "16", "--recipe", "fast", "--epochs", "2", "--ema-decay", "0.9",
         "--no-export"]
 
 

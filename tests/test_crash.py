@@ -29,7 +29,7 @@ POINTS = [
 
 def _drive(*args):
     done = subprocess.run([sys.executable, str(DRIVER), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          timeout=600, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
