@@ -42,8 +42,10 @@ def check_fresh(run_dir: Path) -> None:
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the run folder's lock (main process only); a folder in use is one clear error."""
+def run_lock(run_dir: Path, remove_on_error: bool = False) -> Iterator[None]:
+    """Hold the run folder's lock (main process only); a folder in use is one clear error.
+    ``remove_on_error``: the caller created the folder and removes it if the run fails to start; the lock
+    file goes first, while still held, so no other process ever locks a file that is being removed."""
     if not is_main_rank():
         yield
         return
@@ -61,16 +63,15 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                                 "or use another --run-name") from None
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
-        yield
+        try:
+            yield
+        except BaseException:
+            if remove_on_error:
+                with suppress(OSError):
+                    path.unlink()
+            raise
     finally:
         os.close(handle)  # releases the lock
-
-
-def remove_lock(run_dir: Path) -> None:
-    """Before removing a run folder this process created and left empty."""
-    if is_main_rank():
-        with suppress(OSError):
-            (run_dir / LOCK_NAME).unlink()
 
 
 def _holder(handle: int) -> str:

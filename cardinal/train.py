@@ -61,7 +61,7 @@ from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
-from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, remove_lock, run_lock
+from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, run_lock
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
 from cardinal.validate import (
     IMAGE_SIDE,
@@ -317,13 +317,12 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
     except OSError as error:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
     try:
-        with run_lock(run_dir):
+        with run_lock(run_dir, remove_on_error=run_dir in created):
             if not resuming and is_main_rank():
                 check_fresh(run_dir)
             yield run_dir
     except BaseException:
-        if created and is_main_rank():
-            remove_lock(run_dir)
+        if is_main_rank():
             for folder in created:  # deepest first; rmdir removes only empty folders
                 with suppress(OSError):
                     folder.rmdir()
@@ -500,6 +499,7 @@ def restore(session: Session, resuming: bool) -> Progress:
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
     check_resume_point(session)
+    session.accelerator.wait_for_everyone()  # every rank has checked before the main one moves a folder
     state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir,
                             session.average)
     config = session.config
