@@ -199,3 +199,22 @@ def test_a_run_folder_that_is_a_symlink_is_refused(tmp_path, capsys):
     code, err = _train([*ARGS, "--output-dir", str(tmp_path / "out"), "--run-name", "r"], capsys)
     _one_line(code, err, "symbolic link")
     assert list(elsewhere.iterdir()) == []
+
+
+def test_two_ranks_start_and_resume_under_the_main_ranks_lock(tmp_path):
+    from conftest import cli, output_tail
+
+    args = [*ARGS, "--output-dir", str(tmp_path), "--run-name", "r"]
+    done = cli("cardinal.train", [*args, "--stop-after", "1"], processes=2)
+    assert done.returncode == 0, output_tail(done)
+    done = cli("cardinal.train", ["--resume", str(tmp_path / "r"), "--stop-after", "1"], processes=2)
+    assert done.returncode == 0, output_tail(done)
+    frame = pd.read_csv(tmp_path / "r" / "epochs.csv")
+    assert list(frame["epoch"]) == [1, 2] and frame["world_size"].eq(2).all()
+    handle = _hold_lock(tmp_path / "r")
+    try:
+        done = cli("cardinal.train", ["--resume", str(tmp_path / "r")], processes=2)
+    finally:
+        os.close(handle)
+    assert done.returncode != 0 and "in use by another cardinal process" in done.stderr, output_tail(done)
+    assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1, 2]
