@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from cardinal.cli import CardinalError
+from cardinal.crash import crash_point
 from cardinal.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
@@ -48,9 +49,12 @@ def _saved_epoch(folder: Path) -> Optional[int]:
     if not path.is_file():
         return None
     try:
-        return int(json.loads(path.read_text())["epoch"])
+        epoch = json.loads(path.read_text())["epoch"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise CardinalError(f"cannot read {path}: not a trainer state written by cardinal") from None
+    if type(epoch) is not int or epoch < 1:
+        raise CardinalError(f"cannot read {path}: its epoch must be a whole number >= 1, got {epoch!r}")
+    return epoch
 
 
 def _complete(run_dir: Path) -> List[tuple]:
@@ -83,9 +87,19 @@ def recover(run_dir: Path) -> None:
         shutil.rmtree(parking, ignore_errors=True)
         if folders["final"].exists():
             folders["final"].rename(parking)
+            crash_point("checkpoint-parked")
         newest.rename(folders["final"])
+        crash_point("checkpoint-promoted")
     for name in ("staging", "previous"):
-        shutil.rmtree(folders[name], ignore_errors=True)
+        if folders[name].exists():
+            shutil.rmtree(folders[name], ignore_errors=True)
+            crash_point(f"{name}-removed")
+
+
+def trainer_state_path(run_dir: Path) -> Optional[Path]:
+    """The trainer.json a resume would use (before any folder is moved), or None."""
+    folder = checkpoint_dir(run_dir)
+    return None if folder is None else folder / TRAINER_STATE
 
 
 def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -136,6 +150,7 @@ def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state:
     try:
         _save_files(accelerator, model, optimizer, folders["staging"], average)
         accelerator.wait_for_everyone()
+        crash_point("checkpoint-files-written")
         if accelerator.is_main_process:
             state = {**trainer_state, "format": FORMAT, "world_size": accelerator.num_processes}
             write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(state, indent=2))

@@ -138,7 +138,9 @@ class TrainConfig:
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         config = cls(recipe=Recipe(**recipe_values), **values)
         try:
-            validate_recipe(config.recipe)
+            from cardinal.validate import validate_config  # every field, as the command line checks it
+
+            validate_config(config)
         except CardinalError as error:
             raise ValueError(str(error)) from None
         return config

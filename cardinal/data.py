@@ -237,10 +237,19 @@ def _printable(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def backed_by(array: np.ndarray, file_bytes: int) -> bool:
+    """Whether an unpickled array's elements can all have come from the file: contiguous, no element
+    repeated by a zero or negative stride, and no more bytes than the file has. An array rebuilt by calling
+    ``ndarray(shape, dtype, buffer, offset, strides)`` can otherwise claim gigabytes over a single byte."""
+    return (array.flags.c_contiguous and all(stride > 0 for stride, n in zip(array.strides, array.shape) if n > 1)
+            and array.nbytes <= file_bytes) or array.size == 0
+
+
 def read_batch(path: Path, label_key: str, num_classes: int) -> Split:
     """One official python batch, checked by structure (the sample and the full set share no md5s)."""
     try:
         with open(path, "rb") as handle:
+            file_bytes = os.fstat(handle.fileno()).st_size
             entry = BatchUnpickler(handle).load()
     except RefusedGlobal as refused:
         raise CardinalError(
@@ -257,6 +266,11 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> Split:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
         raise CardinalError(f"corrupt CIFAR batch {path}: 'data' must be uint8 of shape (N, 3072), got {shape}")
+    for name, array in (("data", data), (label_key, labels)):
+        if isinstance(array, np.ndarray) and not backed_by(array, file_bytes):
+            raise CardinalError(f"corrupt CIFAR batch {path}: '{name}' claims {array.nbytes} bytes in "
+                                f"{array.shape} (strides {array.strides}) that the {file_bytes}-byte file does "
+                                "not hold")
     labels = np.asarray(labels) if labels is not None else None
     if labels is None or labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
         raise CardinalError(f"corrupt CIFAR batch {path}: '{label_key}' must be {len(data)} integer labels")

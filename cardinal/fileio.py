@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from cardinal.crash import crash_point
 
 
 @contextmanager
@@ -16,7 +20,9 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
     temp = path.with_name(f".tmp.{path.name}")
     try:
         yield temp
+        crash_point(f"before-replace:{path.name}")
         os.replace(temp, path)
+        crash_point(f"after-replace:{path.name}")
     finally:
         if temp.exists():
             temp.unlink()
@@ -32,3 +38,22 @@ def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def read_regular_file(path: os.PathLike | str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. A FIFO or a device (even behind a symlink) is
+    refused without blocking or reading from it; OSError (with a reason) otherwise."""
+    handle = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        status = os.fstat(handle)
+        if not stat.S_ISREG(status.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if status.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
+        with os.fdopen(handle, "rb", closefd=False) as stream:
+            data = stream.read(max_bytes + 1)
+    finally:
+        os.close(handle)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"larger than {max_bytes} bytes")
+    return data

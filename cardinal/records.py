@@ -7,20 +7,23 @@ atomically after each epoch: a run killed at any moment leaves a complete, reada
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cardinal.cli import CardinalError, make_console
-from cardinal.fileio import atomic_target
+from cardinal.fileio import atomic_target, read_regular_file
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
+MAX_CSV_BYTES = 64 << 20  # some 50,000 epochs of rows
 
 EPOCH_COLUMNS = (
     "epoch", "train_loss", "train_objective", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
@@ -89,12 +92,13 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    """A run's epochs.csv; anything that is not one (garbage, empty, missing columns) is a CardinalError."""
+    """A run's epochs.csv; anything that is not one (garbage, empty, missing columns, a FIFO, a device, a file
+    too large for any run) is a CardinalError."""
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(io.BytesIO(read_regular_file(path, MAX_CSV_BYTES)))
     except (OSError, UnicodeDecodeError, pd.errors.EmptyDataError, pd.errors.ParserError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CardinalError(f"cannot read {path}: {reason}") from None
+        reason = getattr(error, "strerror", None) or str(error).strip() or type(error).__name__
+        raise CardinalError(f"cannot read {path}: {reason.splitlines()[0]}") from None
     missing = [c for c in ("epoch", "test_acc") if c not in frame.columns]
     if missing:
         raise CardinalError(f"{path} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")
@@ -177,7 +181,7 @@ class ConsoleReport:
 
     def line(self, text: str) -> None:
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False)  # paths and names print as typed
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
         if not self.show_progress:
@@ -220,7 +224,8 @@ class ConsoleReport:
         first = frame.iloc[0]
         best = frame.loc[frame["test_acc"].idxmax()]
         last = frame.iloc[-1]
-        table = Table(title=f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)", show_header=False)
+        table = Table(title=escape(f"{first['arch']} on {first['dataset']} ({first['recipe']} recipe)"),
+                      show_header=False)
         table.add_column("")
         table.add_column("", justify="right", overflow="fold")  # a long path folds, never ends in "…"
         speed_epochs = "epochs 2+" if (frame["epoch"] >= 2).any() else "epoch 1"  # what steady_state used
@@ -248,6 +253,6 @@ class ConsoleReport:
             ("Device", str(first["device"])),
             ("Records", str(run_dir / CSV_NAME)),
         ):
-            table.add_row(label, value)
+            table.add_row(escape(label), escape(value))
         self.console.print(table)
 

@@ -88,11 +88,16 @@ def launcher_command(launcher: Optional[str]) -> List[str]:
 
 def planned_run(run_dir: Path) -> Optional[Recipe]:
     """The recipe an existing run folder was started with, or None when there is none."""
+    config = planned_config(run_dir)
+    return None if config is None else config.recipe
+
+
+def planned_config(run_dir: Path) -> Optional[TrainConfig]:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         return None
     try:
-        return TrainConfig.from_dict(json.loads(path.read_text())).recipe
+        return TrainConfig.from_dict(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         raise CardinalError(f"{path} is not a valid run config; move {run_dir} aside to train that run again") from None
 
@@ -162,13 +167,22 @@ def run_training(command: Sequence[str]) -> Tuple[int, List[str]]:
     return child.wait(), errors
 
 
+def missing_exports(run_dir: Path, config: TrainConfig) -> List[str]:
+    """The export files a finished run should hold (none with --no-export) that are not there yet."""
+    if not config.export:
+        return []
+    names = ["model.ts", "model.pt2", "model_state.pt"] + (["model_ema_state.pt"] if config.recipe.ema_decay else [])
+    return [name for name in names if not (run_dir / name).is_file()]
+
+
 def finished(run_dir: Path, epochs: int) -> bool:
-    planned = planned_run(run_dir)
-    if planned is None:
+    """Trained for ``epochs`` and exported; a run killed during its export is resumed, which only exports."""
+    config = planned_config(run_dir)
+    if config is None:
         return False
-    check_length(run_dir, planned, epochs)
+    check_length(run_dir, config.recipe, epochs)
     state = read_trainer_state(run_dir)
-    return state is not None and state.get("epoch", 0) >= epochs
+    return state is not None and state.get("epoch", 0) >= epochs and not missing_exports(run_dir, config)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
 import torch
 
 from cardinal import budget
-from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint, trainer_state_path
 from cardinal.cli import (
     ArgumentParser,
     CardinalError,
@@ -59,8 +59,19 @@ from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_
 from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
-from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row, read_csv
+from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
+from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, run_lock
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
+from cardinal.validate import (
+    IMAGE_SIDE,
+    MAX_LR,
+    MAX_SYNTHETIC_IMAGES,
+    check_rows_agree,
+    check_trainer_state,
+    checked_rows,
+    is_folder_name,
+    validate_config,
+)
 
 IMAGE_SIZE = (3, 32, 32)
 EVAL_NAME = "eval.json"  # what --eval-only writes; a training run removes a stale one from its folder
@@ -98,7 +109,7 @@ def count_or_fraction(text: str) -> float:
 
 def run_name_arg(text: str) -> str:
     """A run name is one folder name: it cannot point outside --output-dir."""
-    if text and (text in (".", "..") or Path(text).name != text or "/" in text or "\\" in text):
+    if text and not is_folder_name(text):
         raise argparse.ArgumentTypeError(f"must be a single folder name, got {text!r}")
     return text
 
@@ -113,8 +124,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     what.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
                       help="download and md5-verify CIFAR into --data-dir when it is missing (the default); "
                            "--no-download for offline machines")
-    what.add_argument("--synthetic-train", type=positive_int, default=2048, help="synthetic: training images")
-    what.add_argument("--synthetic-test", type=positive_int, default=512, help="synthetic: test images")
+    what.add_argument("--synthetic-train", type=positive_int, default=2048,
+                      help=f"synthetic: training images (at most {MAX_SYNTHETIC_IMAGES})")
+    what.add_argument("--synthetic-test", type=positive_int, default=512,
+                      help=f"synthetic: test images (at most {MAX_SYNTHETIC_IMAGES})")
     what.add_argument("--synthetic-classes", type=positive_int, default=10, help="synthetic: classes")
     what.add_argument("--seed", type=seed_int, default=0,
                       help="seed of initialisation, shuffling and augmentation (0 to 4294967295)")
@@ -126,7 +139,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob = lambda flag, **kw: recipe.add_argument(flag, default=argparse.SUPPRESS, **kw)  # noqa: E731
     knob("--epochs", type=positive_int, help=_recipe_help("epochs", "epochs to train"))
     knob("--batch-size", type=positive_int, help=_recipe_help("batch_size", "global batch per optimizer step"))
-    knob("--lr", type=positive_float, help=_recipe_help("lr", "learning rate"))
+    knob("--lr", type=positive_float, help=_recipe_help("lr", f"learning rate (at most {MAX_LR:g})"))
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum"))
@@ -148,7 +161,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                                              "holds its peak before (1: decay right after the warm-up)"))
     knob("--final-lr-fraction", type=finite_float, help=_recipe_help("final_lr_fraction", "LR at the end / peak LR"))
     knob("--augment", choices=AUGMENTATIONS, help=_recipe_help("augment", "training augmentation"))
-    knob("--crop-padding", type=non_negative_int, help=_recipe_help("crop_padding", "random-crop padding in pixels"))
+    knob("--crop-padding", type=non_negative_int,
+         help=_recipe_help("crop_padding", f"random-crop padding in pixels (0 to {IMAGE_SIDE})"))
     knob("--mean", type=finite_float, nargs=3, help=_recipe_help("mean", "normalization mean (R G B)"))
     knob("--std", type=positive_float, nargs=3, help=_recipe_help("std", "normalization std (R G B)"))
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
@@ -302,8 +316,9 @@ def _training_normalization(weights: Path, recipe, explicit: Set[str] = frozense
 
 @contextmanager
 def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
-    """Create (or check) the run folder; a start that fails before writing anything leaves no folder
-    (nor the parents it created, such as a first ``runs/``)."""
+    """Create (or check) the run folder and hold its lock for the run's life; a start that fails before
+    writing anything leaves no folder (nor the parents it created, such as a first ``runs/``)."""
+    check_not_symlink(run_dir)
     created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -313,12 +328,12 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
     except OSError as error:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
     try:
-        if not resuming and (run_dir / CSV_NAME).exists():
-            raise CardinalError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it "
-                                "or --run-name to start another")
-        yield run_dir
+        with run_lock(run_dir, remove_on_error=run_dir in created):
+            if not resuming and is_main_rank():
+                check_fresh(run_dir)
+            yield run_dir
     except BaseException:
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_rank():
             for folder in created:  # deepest first; rmdir removes only empty folders
                 with suppress(OSError):
                     folder.rmdir()
@@ -495,6 +510,8 @@ def restore(session: Session, resuming: bool) -> Progress:
     if read_trainer_state(session.run_dir) is None:
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
+    check_resume_point(session)
+    session.accelerator.wait_for_everyone()  # every rank has checked before the main one moves a folder
     state = load_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir,
                             session.average)
     config = session.config
@@ -507,6 +524,14 @@ def restore(session: Session, resuming: bool) -> Progress:
                             "settings")
     return Progress(int(state["epoch"]), int(state["global_step"]),
                     int(state.get("schedule_step", state["global_step"])))
+
+
+def check_resume_point(session: Session) -> None:
+    """trainer.json and epochs.csv must agree before any checkpoint folder is moved or loaded."""
+    path, state = trainer_state_path(session.run_dir), read_trainer_state(session.run_dir)
+    check_trainer_state(state, path, session.config, len(session.loader))
+    rows = checked_rows(session.run_dir / CSV_NAME, state["epoch"], run_info(session))
+    check_rows_agree(state, rows, path)
 
 
 def run_info(session: Session) -> Dict[str, Any]:
@@ -589,13 +614,13 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
     while not rule.done(progress.epoch, progress.global_step):
         epoch = progress.epoch + 1
         row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step), on_step)
+        if session.main_process:  # the row first: a kill before the checkpoint only retrains this epoch
+            records.add(row)
         if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
             save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
                 "epoch": progress.epoch, "global_step": progress.global_step,
                 "schedule_step": progress.schedule_step, "schedule_total_steps": session.schedule.total_steps,
                 "arch": config.arch, "dataset": config.dataset}, session.average)
-        if session.main_process:
-            records.add(row)
         session.report.end_epoch(row)
         if session.trackers:
             session.accelerator.log(metrics_of(row), step=epoch)
@@ -646,12 +671,11 @@ def write_config(session: Session, config: TrainConfig) -> None:
 
 
 def previous_rows(session: Session, progress: Progress):
-    """Records of the epochs the checkpoint covers; later ones (written after it) are dropped."""
-    path = session.run_dir / CSV_NAME
-    if progress.epoch == 0 or not path.exists():
+    """Records of the epochs the checkpoint covers (checked before it was loaded); later ones, written
+    before a kill interrupted their checkpoint, are trained again."""
+    if progress.epoch == 0:
         return None
-    frame = read_csv(path)
-    return frame[frame["epoch"] <= progress.epoch]
+    return checked_rows(session.run_dir / CSV_NAME, progress.epoch, run_info(session))
 
 
 def header(session: Session, info: Dict[str, Any]) -> str:
@@ -729,6 +753,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     explicit = explicit_flags(argv)
     config = config_from_args(args)
+    validate_config(config)
     resume_dir = Path(args.resume) if args.resume else None
     if resume_dir is not None:
         config = resumed_config(resume_dir, config, explicit)

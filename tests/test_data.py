@@ -182,6 +182,30 @@ def test_byte_strings_are_decoded_only_as_latin1(tmp_path):
     _message(error)
 
 
+class _StridedArray:
+    """Pickles as ``ndarray(shape, dtype, buffer, 0, strides)``: with zero strides, a few bytes pose as millions."""
+
+    def __init__(self, shape, dtype, buffer, strides):
+        self.args = (shape, np.dtype(dtype), buffer, 0, strides)
+
+    def __reduce__(self):
+        return np.ndarray, self.args
+
+
+@pytest.mark.parametrize("images, labels", [
+    (_StridedArray((300_000, 3072), np.uint8, b"\0", (0, 0)), _StridedArray((300_000,), np.int64, b"\0" * 8, (0,))),
+    (_StridedArray((4, 3072), np.uint8, b"\0" * 3072, (0, 1)), [0, 1, 2, 3]),  # one image shown four times
+    (np.zeros((2, 3072), np.uint8), _StridedArray((2,), np.int64, b"\0" * 8, (0,))),
+])
+def test_arrays_not_backed_by_the_files_bytes_are_refused(tmp_path, images, labels):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({b"data": images, b"labels": labels}, protocol=2))
+    assert pickle.loads(path.read_bytes(), encoding="bytes")[b"data"].shape[1] == 3072  # numpy itself accepts it
+    with pytest.raises(CardinalError, match="that the .*-byte file does not hold") as error:
+        read_batch(path, "labels", 10)
+    assert str(path) in _message(error)
+
+
 @pytest.mark.slow
 def test_a_trapped_folder_stops_the_training_cli_with_one_line(cifar_copy, tmp_path):
     marker = tmp_path / "code-ran"

@@ -100,3 +100,22 @@ def test_a_failed_run_ends_the_study_with_one_line_and_no_traceback(tmp_path):
     assert lines[-1].startswith("error: training tiny_resnet (seed 0) failed: cifar10 not found in ")
     assert "run the study again to resume" in lines[-1] and done.stderr.strip().splitlines() == [lines[-1]]
     assert "Traceback" not in done.stdout + done.stderr and "were not passed" not in done.stdout + done.stderr
+
+
+def test_a_run_trained_but_not_exported_is_resumed_to_export(tmp_path, capsys):
+    run_dir = _arrange(tmp_path, "fast", 3, 3)
+    (run_dir / "model.ts").write_bytes(b"")  # killed during the export: model.pt2 and the state are missing
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "--resume" in out and "skipped" not in out
+    for name in ("model.pt2", "model_state.pt"):
+        (run_dir / name).write_bytes(b"")
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "skipped" in out and "$" not in out
+
+
+def test_a_run_without_export_is_done_when_trained(tmp_path, capsys):
+    run_dir = _arrange(tmp_path, "fast", 3, 3)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "export": False}))
+    code, out, _ = _study(tmp_path, "fast", 3, capsys)
+    assert code == 0 and "skipped" in out
