@@ -75,8 +75,8 @@ from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve
 IMAGE_SIZE = (3, 32, 32)
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
 # --epochs is decided separately (see check_epochs_change).
-RESUMABLE_CHANGES = {"save_every", "compile", "max_steps", "limit_eval_batches", "progress", "export", "eval_batch_size",
-                     "data_dir", "download", "output_dir", "run_name", "stop_after", "log_with"}
+RESUMABLE_CHANGES = {"save_every", "max_steps", "limit_eval_batches", "progress", "export", "eval_batch_size",
+                     "data_dir", "download", "output_dir", "run_name", "stop_after", "log_with", "compile"}
 
 
 def _recipe_help(knob: str, text: str) -> str:

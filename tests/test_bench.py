@@ -159,6 +159,52 @@ def test_table_fits_80_columns_without_breaking_numbers():
             assert text.count(number) == len(subset), number
 
 
+def test_compiled_table_has_both_torchvision_peers_and_fits_80_columns():
+    rows = []
+    for arch, mode, precision, layout, batch in itertools.product(
+            ["resnext101_32x8d", "resnet50"], bench.MODES, ["no", "bf16"], list(bench.FORMATS), [128, 1024]):
+        row = {"arch": arch, "mode": mode, "precision": precision, "memory_format": layout, "batch": batch,
+               "repeats": 3, "compiled": "reduce-overhead"}
+        row.update(bench.result_columns({"cardinal": [123456.7, 100000.0, 110000.0],
+                                         "torchvision": [12345.6, 12000.0, 12100.0],
+                                         bench.COMPILED_PEER: [61728.35, 61000.0, 60000.0]}, 7.8e9, 10.0))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    assert frame[f"cardinal_vs_{bench.COMPILED_PEER}"].eq(2.0).all()  # best against best
+    console = Console(width=80, record=True)
+    console.print(bench.render(frame, "Throughput on cuda:0"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "cardinal compiled (reduce-overhead)" in text
+    for number in ("123457", "12346", "61728", "10.00x*", "2.00x*", "21.3%"):
+        assert text.count(number) == len(frame), number
+
+
+def test_compiled_bench_measures_three_peers_and_times_their_warm_up(tmp_path, monkeypatch):
+    """--compile on the CPU with dynamo's eager backend: the plumbing, not the speed."""
+    monkeypatch.setenv("CARDINAL_COMPILE_BACKEND", "eager")
+    warmups = []
+    real_measure = bench.measure
+
+    def spy(model, **settings):
+        warmups.append((type(model).__name__, settings["warmup"]))
+        return real_measure(model, **settings)
+    monkeypatch.setattr(bench, "measure", spy)
+    output = tmp_path / "bench.csv"
+    with pytest.raises(SystemExit) as code:
+        run(bench.main, ["--archs", "tiny_resnet", "--batch-sizes", "4", "--precisions", "no", "--modes", "train",
+                         "--memory-formats", "nchw", "--steps", "1", "--warmup", "1", "--repeats", "1", "--compile",
+                         "--output", str(output)])
+    assert code.value.code == 0
+    row = pd.read_csv(output).iloc[0]
+    assert row["compiled"] == "default"
+    assert row[f"cardinal_vs_{bench.COMPILED_PEER}"] == pytest.approx(
+        row["cardinal_img_per_s"] / row[f"{bench.COMPILED_PEER}_img_per_s"])
+    assert all(row[f"{name}_warmup_s"] > 0 for name in (*bench.IMPLEMENTATIONS, bench.COMPILED_PEER))
+    # compiled peers (torch.compile wrappers) warm up for at least 3 steps, the eager one for --warmup
+    assert sorted(warmups) == [("OptimizedModule", 3), ("OptimizedModule", 3), ("ResNet", 1)]
+
+
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 
 
