@@ -16,7 +16,7 @@
 # then summary.txt: the ratios of each, and the goals they are read against.
 #
 #   benchmarks/gpu_speed.sh [OUTPUT_DIR]        # default: gpu-speed-<date>-<time>/
-#   DRY_RUN=1 benchmarks/gpu_speed.sh           # the same steps, tiny, on a CPU (a few minutes)
+#   DRY_RUN=1 benchmarks/gpu_speed.sh           # the same steps, tiny, on a CPU (about 10 minutes on 2 cores)
 #
 # Full-size data: DATA_DIR (the official python layout), else made in OUTPUT_DIR/data by JPEG_TOOL
 # (40,000 training + 10,000 held-out images; about 10 s).
@@ -50,7 +50,6 @@ DRY_RUN=${DRY_RUN:-0}
 ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall"
 STEPS=${ONLY:-$ALL_STEPS}
 SEEDS=${SEEDS:-0 1}
-ACCURACY_EPOCHS=${ACCURACY_EPOCHS:-3}
 WALL_EPOCHS=${WALL_EPOCHS:-3}
 
 if [ "$DRY_RUN" = 1 ]; then
@@ -61,12 +60,14 @@ if [ "$DRY_RUN" = 1 ]; then
     BENCH_WARMUP=${BENCH_WARMUP:-1}
     TRAIN_ARCH=${TRAIN_ARCH:-tiny_resnet}
     TRAIN_BATCH=${TRAIN_BATCH:-64}
-    TOTAL_S=${TOTAL_S:-1500}
+    ACCURACY_EPOCHS=${ACCURACY_EPOCHS:-2}
+    ACCURACY_LIMIT_S=900  # four runs at once on a small CPU
+    TOTAL_S=${TOTAL_S:-2400}
     PRECISION=no
     DEVICE_FLAGS=(--device cpu)
     PROFILE_FLAGS=(--batch-size 8 --steps 1 --warmup 1)
     export CARDINAL_COMPILE_BACKEND=${CARDINAL_COMPILE_BACKEND:-eager}
-    DATA=(--dataset synthetic --synthetic-train 320 --synthetic-test 100 --eval-batch-size 64)
+    DATA=(--dataset synthetic --synthetic-train 192 --synthetic-test 100 --eval-batch-size 64)
 else
     ARCHS=${ARCHS:-resnet50 resnext50_32x4d}
     BATCHES=${BATCHES:-128 512}
@@ -75,6 +76,8 @@ else
     BENCH_WARMUP=${BENCH_WARMUP:-5}
     TRAIN_ARCH=${TRAIN_ARCH:-resnet50}
     TRAIN_BATCH=${TRAIN_BATCH:-512}
+    ACCURACY_EPOCHS=${ACCURACY_EPOCHS:-3}
+    ACCURACY_LIMIT_S=240
     TOTAL_S=${TOTAL_S:-690}
     PRECISION=bf16
     DEVICE_FLAGS=()
@@ -193,7 +196,7 @@ step_accuracy() {  # compiled and eager, every seed at once; then the summary
     local started=$SECONDS pids=() seed how limit rc=0
     ensure_data || { finish_step accuracy "$started" ""; return; }
     limit=$(left_s)
-    [ "$limit" -gt 240 ] && limit=240
+    [ "$limit" -gt "$ACCURACY_LIMIT_S" ] && limit=$ACCURACY_LIMIT_S
     for seed in $SEEDS; do
         for how in compile no-compile; do
             timeout -k 15 "$limit" "$PYTHON" -m cardinal.train "${TRAIN_FLAGS[@]}" "${DATA[@]}" --seed "$seed" \
@@ -202,36 +205,12 @@ step_accuracy() {  # compiled and eager, every seed at once; then the summary
             pids+=($!)
         done
     done
-    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done  # 124: a run timed out
     run_step accuracy 60 "$PYTHON" -m cardinal.summary "$OUT/accuracy" --format markdown \
         --output "$OUT/accuracy-summary.md" || true
     [ "$rc" -ne 0 ] && LAST_RC=$rc
     finish_step accuracy "$started" "accuracy-summary.md; runs in accuracy/"
 }
-
-# Each epoch's wall time: from the moment its row is printed (after its checkpoint and records) to the
-# next one's; the first epoch holds the compilation and is left out.
-WALL_PY=$(cat <<'PY'
-import csv, re, sys
-log, table = sys.argv[1], sys.argv[2]
-stamps = {}
-for line in open(log):
-    stamp, _, text = line.partition(" ")
-    match = re.match(r"\s*(\d+)\s+\d+\.\d+\s", text)
-    if match and int(match.group(1)) not in stamps:
-        stamps[int(match.group(1))] = float(stamp)
-rows = {int(r["epoch"]): r for r in csv.DictReader(open(table, newline=""))}
-ratios = []
-for epoch in sorted(rows):
-    if epoch - 1 in stamps and epoch in stamps:
-        wall = stamps[epoch] - stamps[epoch - 1]
-        train, evaluate = float(rows[epoch]["train_time_s"]), float(rows[epoch]["eval_time_s"])
-        ratios.append(wall / train)
-        print(f"epoch {epoch}: wall {wall:.2f} s, training {train:.2f} s, evaluation {evaluate:.2f} s, "
-              f"the rest (checkpoint, records) {wall - train - evaluate:.2f} s: wall / training {wall / train:.3f}")
-print(f"wall / training, epochs 2+: {max(ratios):.3f} at worst (goal <= 1.15)" if ratios else "no epoch after the first")
-PY
-)
 
 stamped() {  # the command's output, each line prefixed by the time it was printed (seconds since the epoch)
     local line
@@ -239,6 +218,7 @@ stamped() {  # the command's output, each line prefixed by the time it was print
     return "${PIPESTATUS[0]}"
 }
 
+# the time each line of the command's output was printed comes first on the line: see gpu_speed_report.py
 step_epoch_wall() {
     local started=$SECONDS
     ensure_data || { finish_step epoch-wall "$started" ""; return; }
@@ -247,33 +227,11 @@ step_epoch_wall() {
         "$PYTHON" -m cardinal.train "${TRAIN_FLAGS[@]}" "${DATA[@]}" --epochs "$WALL_EPOCHS" --compile \
         --output-dir "$OUT/wall" --run-name wall
     if [ "$LAST_RC" -eq 0 ]; then
-        "$PYTHON" -c "$WALL_PY" "$OUT/epoch-wall.log" "$OUT/wall/wall/epochs.csv" >"$OUT/epoch-wall.txt" 2>&1 \
-            || LAST_RC=1
+        "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" wall "$OUT/epoch-wall.log" "$OUT/wall/wall/epochs.csv" \
+            >"$OUT/epoch-wall.txt" 2>&1 || LAST_RC=1
     fi
     finish_step epoch-wall "$started" "$(tail -n 1 "$OUT/epoch-wall.txt" 2>/dev/null)"
 }
-
-# bench CSVs: the ratios per arch and batch, and the compile time of each compiled peer
-BENCH_PY=$(cat <<'PY'
-import csv, sys
-for path in sys.argv[1:]:
-    try:
-        rows = list(csv.DictReader(open(path, newline="")))
-    except OSError:
-        continue
-    print(path.rsplit("/", 1)[-1] + ":")
-    for row in rows:
-        value = lambda key: float(row[key])  # noqa: E731
-        line = (f"  {row['arch']} b{row['batch']}: cardinal {value('cardinal_img_per_s'):.0f} img/s "
-                f"({value('cardinal_tflop_per_s'):.1f} TFLOP/s), vs torchvision eager "
-                f"{value('cardinal_vs_torchvision'):.2f}x")
-        if "cardinal_vs_torchvision_compiled" in row:
-            line += (f", vs torchvision compiled {value('cardinal_vs_torchvision_compiled'):.2f}x; warm-up with "
-                     f"compilation {value('cardinal_warmup_s'):.0f} s and {value('torchvision_compiled_warmup_s'):.0f} s")
-        print(line + (" (noisy)" if row["noisy"] == "True" else ""))
-print("goals (compiled): >= 1.3x torchvision eager at batch 512, >= 2x at 128, >= 1.0x torchvision compiled")
-PY
-)
 
 # --- run them, then the summary ------------------------------------------------------------------------
 {
@@ -298,7 +256,7 @@ done
         printf '%-15s %-6s %6s  %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}" "${NOTES[$i]}"
     done
     echo
-    "$PYTHON" -c "$BENCH_PY" "$OUT/bench-eager.csv" "$OUT/bench-compiled.csv" 2>/dev/null
+    "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" bench "$OUT/bench-eager.csv" "$OUT/bench-compiled.csv" 2>/dev/null
     [ -f "$OUT/epoch-wall.txt" ] && { echo; cat "$OUT/epoch-wall.txt"; }
     [ -f "$OUT/accuracy-summary.md" ] && { echo; cat "$OUT/accuracy-summary.md"; }
     echo
