@@ -246,6 +246,5 @@ def evaluate(
 def _padded(inputs: torch.Tensor, size: int) -> torch.Tensor:
     """``inputs`` followed by zero images up to ``size``, in the same memory format."""
     padding = inputs.new_zeros((size - len(inputs), *inputs.shape[1:]))
-    memory_format = torch.channels_last if inputs.is_contiguous(memory_format=torch.channels_last) and \
-        not inputs.is_contiguous() else torch.contiguous_format
+    memory_format = torch.contiguous_format if inputs.is_contiguous() else torch.channels_last
     return torch.cat([inputs, padding]).contiguous(memory_format=memory_format)
