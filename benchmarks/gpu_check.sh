@@ -149,7 +149,7 @@ read_result() {  # python-program file: sets RATE and NOTE from the program's "i
 # --- the checks ----------------------------------------------------------------------------------------
 TRAIN_ARGS=(--arch "$ARCH" --dataset synthetic --synthetic-train $((STEPS * BATCH)) --synthetic-test "$BATCH"
             --batch-size "$BATCH" --eval-batch-size "$BATCH" --epochs 2 --limit-eval-batches 1
-            --output-dir "$OUT/runs" --no-progress)
+            --output-dir "$OUT/runs" --no-progress --no-compile)  # eager but for the compile check
 WEIGHTS="$OUT/runs/bf16/model_state.pt"
 
 train_check() {  # name limit_s launcher... -- extra train flags...: one short training run, 2 epochs
@@ -249,7 +249,7 @@ check_reload() {
 check_bench() {
     local warmup=5
     [ "$STEPS" -lt 10 ] && warmup=1
-    run_check bench 180 "$PYTHON" -m cardinal.bench --archs "$ARCH" --batch-sizes "$BATCH" --precisions bf16 \
+    run_check bench 180 "$PYTHON" -m cardinal.bench --no-compile --archs "$ARCH" --batch-sizes "$BATCH" --precisions bf16 \
         --memory-formats channels_last --steps "$STEPS" --warmup "$warmup" --repeats 3 --output "$OUT/bench.csv" \
         || return
     read_result "$BENCH_PY" "$OUT/bench.csv"

@@ -96,8 +96,8 @@ def cardinal_loop(accelerator, arch, images, labels, batch, steps, warmup, chann
     loader.limit = steps + warmup
     scheduler = build_scheduler(optimizer, Recipe(), len(loader))
     stamps = [time.perf_counter()]
-    train_epoch(accelerator, model, loader, optimizer, scheduler,
-                on_step=lambda loss: stamps.append(time.perf_counter()))
+    train_epoch(accelerator, model, loader, optimizer, scheduler,  # refresh_s=0: every step waits for the device
+                on_step=lambda loss: stamps.append(time.perf_counter()), refresh_s=0.0)
     return steady_rate(stamps, batch, warmup)
 
 

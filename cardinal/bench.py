@@ -2,10 +2,17 @@
 
     python -m cardinal.bench --archs resnet50 resnext50_32x4d --precisions no bf16 \\
         --memory-formats nchw channels_last --output bench.csv
+    python -m cardinal.bench --compile --batch-sizes 128 512 --precisions bf16   # on a GPU
 
-Each configuration is measured for cardinal's model and for the same architecture built from
-torchvision's classes (``cardinal.reference``), in the same process, ``--repeats`` times in alternating
-order after warm-up steps; the best of each counts, since noise on a shared machine only slows a run.
+Each configuration is measured for cardinal's step and for the same architecture built from torchvision's
+classes (``cardinal.reference``) in a plain eager loop (torch's default SGD), in the same process,
+``--repeats`` times in alternating order after warm-up steps; the best of each counts, since noise on a
+shared machine only slows a run. cardinal's step is the one ``cardinal.train`` takes on this device
+(``cardinal.speedups``): compiled where it compiles (CUDA by default; ``--compile`` / ``--no-compile``), with
+the fused SGD step on CUDA. When cardinal's step is compiled, a third peer is torchvision's model compiled
+in the same mode (``torch.compile`` and nothing else), and the ratio to it is reported too. The warm-up
+(compilation included) is timed apart and never counted in img/s; compiled peers warm up for at least 3
+steps (CUDA graphs are recorded on the third call).
 How far the repeats disagree is reported beside it (the spread, (max - min) / median), and a ratio whose
 repeats disagree by more than ``--noise-limit`` percent is flagged: it cannot be told apart from noise.
 Achieved TFLOP/s uses the counted forward FLOPs (x3 for a training step).
@@ -13,12 +20,14 @@ Achieved TFLOP/s uses the counted forward FLOPs (x3 for a training step).
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 import statistics
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -41,11 +50,22 @@ from cardinal.models import build_model, list_archs
 from cardinal.prose import wrap
 from cardinal.records import write_csv
 from cardinal.reference import torchvision_model
+from cardinal.speedups import (
+    AUTO,
+    COMPILE_MODES,
+    compile_kwargs,
+    compile_request,
+    fused_optimizer,
+    resolve_compile,
+    tune_kernels,
+)
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 MODES = ("train", "infer")
-IMPLEMENTATIONS = ("cardinal", "torchvision")
+IMPLEMENTATIONS = ("cardinal", "torchvision")  # always measured
+COMPILED_PEER = "torchvision_compiled"  # measured when cardinal's step is compiled
+COMPILED_WARMUP = 3
 NOISE_LIMIT_PCT = 10.0
 NOISY_MARK = "*"
 
@@ -56,15 +76,17 @@ def _autocast(device: torch.device, precision: str):
 
 
 def measure(model: torch.nn.Module, mode: str, batch: int, precision: str, memory_format, device: torch.device,
-            steps: int, warmup: int, num_classes: int = 10) -> float:
-    """Steady-state images per second of ``steps`` steps after ``warmup`` unmeasured ones."""
+            steps: int, warmup: int, num_classes: int = 10, fused: bool | None = None,
+            warmups: list[float] | None = None) -> float:
+    """Steady-state images per second of ``steps`` steps after ``warmup`` unmeasured ones (their seconds are
+    appended to ``warmups``). ``model`` may be a torch.compile wrapper; ``fused`` picks SGD's fused step."""
     model = model.to(device).to(memory_format=memory_format)
     inputs = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
     targets = torch.randint(0, num_classes, (batch,), device=device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     if mode == "train":
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=fused)
     else:
         model.eval()
 
@@ -80,9 +102,13 @@ def measure(model: torch.nn.Module, mode: str, batch: int, precision: str, memor
             with torch.no_grad(), _autocast(device, precision):
                 model(inputs)
 
+    synchronize(device)
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
     synchronize(device)
+    if warmups is not None:
+        warmups.append(time.perf_counter() - start)
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -90,12 +116,26 @@ def measure(model: torch.nn.Module, mode: str, batch: int, precision: str, memor
     return batch * steps / (time.perf_counter() - start)
 
 
-def measure_alternating(models: dict[str, torch.nn.Module], repeats: int, **settings) -> dict[str, list[float]]:
+@dataclass
+class Peer:
+    """One implementation measured: its model (maybe a compiled wrapper) and how its step differs."""
+
+    model: torch.nn.Module
+    fused: bool | None = None  # SGD's fused step (None: torch's default)
+    compiled: bool = False
+    warmups: list[float] = field(default_factory=list)  # seconds of each measurement's warm-up steps
+
+
+def measure_alternating(peers: dict[str, Peer], repeats: int, warmup: int, **settings) -> dict[str, list[float]]:
     """``repeats`` measurements of each implementation, the order reversed on every other repeat."""
-    rates: dict[str, list[float]] = {name: [] for name in models}
+    rates: dict[str, list[float]] = {name: [] for name in peers}
+    order = list(peers)
     for repeat in range(repeats):
-        for name in (IMPLEMENTATIONS if repeat % 2 == 0 else IMPLEMENTATIONS[::-1]):
-            rates[name].append(measure(models[name], **settings))
+        for name in (order if repeat % 2 == 0 else order[::-1]):
+            peer = peers[name]
+            steps_first = max(warmup, COMPILED_WARMUP) if peer.compiled else warmup
+            extra = {"fused": peer.fused} if peer.fused is not None else {}
+            rates[name].append(measure(peer.model, warmup=steps_first, warmups=peer.warmups, **extra, **settings))
     return rates
 
 
@@ -122,15 +162,32 @@ def result_columns(rates: dict[str, list[float]], flops_per_image: float, noise_
         columns[f"{name}_repeats_img_per_s"] = ";".join(f"{rate:.6g}" for rate in repeats)
         columns[f"{name}_tflop_per_s"] = best * flops_per_image / 1e12
     columns["cardinal_vs_torchvision"] = max(rates["cardinal"]) / max(rates["torchvision"])
+    if COMPILED_PEER in rates:
+        columns[f"cardinal_vs_{COMPILED_PEER}"] = max(rates["cardinal"]) / max(rates[COMPILED_PEER])
     columns["noisy"] = is_noisy([columns[f"{name}_spread_pct"] for name in rates], noise_limit_pct)
     return columns
+
+
+def make_peers(cardinal: torch.nn.Module, torchvision: torch.nn.Module, compiled: bool | str,
+               device: torch.device) -> dict[str, Peer]:
+    """cardinal's step as cardinal.train takes it on ``device``, torchvision's eager loop, and torchvision
+    compiled in the same mode when cardinal's step is compiled."""
+    fused = fused_optimizer(device.type)
+    if not compiled:
+        return {"cardinal": Peer(cardinal, fused), "torchvision": Peer(torchvision)}
+    kwargs = compile_kwargs(str(compiled))
+    return {"cardinal": Peer(torch.compile(cardinal, **kwargs), fused, compiled=True),
+            "torchvision": Peer(torchvision),
+            COMPILED_PEER: Peer(torch.compile(torchvision, **kwargs), compiled=True)}
 
 
 def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: Sequence[str],
                   memory_formats: Sequence[str], modes: Sequence[str], steps: int, warmup: int,
                   device: torch.device, repeats: int = 2, on_row=None,
-                  noise_limit_pct: float = NOISE_LIMIT_PCT) -> pd.DataFrame:
+                  noise_limit_pct: float = NOISE_LIMIT_PCT, compiled: bool | str = False) -> pd.DataFrame:
+    """``compiled``: False, or the torch.compile mode of cardinal's step (see ``cardinal.speedups``)."""
     rows: list[dict] = []
+    tune_kernels(device.type)  # process-wide: every peer gets it
     for arch in archs:
         torch.manual_seed(0)
         models = {"cardinal": build_model(arch), "torchvision": torchvision_model(arch)}
@@ -138,12 +195,17 @@ def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: 
         flops = count_forward_flops(models["cardinal"])
         params = sum(p.numel() for p in models["cardinal"].parameters())
         for batch, precision, layout, mode in itertools.product(batch_sizes, precisions, memory_formats, modes):
-            rates = measure_alternating(models, repeats, mode=mode, batch=batch, precision=precision,
-                                        memory_format=FORMATS[layout], device=device, steps=steps,
-                                        warmup=warmup)
+            if compiled:
+                torch._dynamo.reset()  # each configuration compiles afresh: static shapes, no recompile limit
+            peers = make_peers(models["cardinal"], models["torchvision"], compiled, device)
+            rates = measure_alternating(peers, repeats, warmup, mode=mode, batch=batch, precision=precision,
+                                        memory_format=FORMATS[layout], device=device, steps=steps)
             row = {"arch": arch, "params": params, "gflops": flops / 1e9, "mode": mode, "batch": batch,
-                   "precision": precision, "memory_format": layout, "repeats": repeats}
+                   "precision": precision, "memory_format": layout, "repeats": repeats,
+                   "compiled": compiled}
             row.update(result_columns(rates, flops * (3 if mode == "train" else 1), noise_limit_pct))
+            for name, peer in peers.items():  # the first warm-up holds the compilation
+                row[f"{name}_warmup_s"] = peer.warmups[0] if peer.warmups else math.nan
             row["device"] = str(device)
             row["threads"] = torch.get_num_threads()
             rows.append(row)
@@ -166,9 +228,13 @@ def format_pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.1f}%"
 
 
-def worst_spread_pct(row) -> float:
-    """The larger spread of the two implementations: the one that limits how far the ratio can be trusted."""
-    spreads = [s for s in (getattr(row, f"{name}_spread_pct") for name in IMPLEMENTATIONS) if not math.isnan(s)]
+def peers_of(frame: pd.DataFrame) -> tuple[str, ...]:
+    return IMPLEMENTATIONS + ((COMPILED_PEER,) if f"{COMPILED_PEER}_img_per_s" in frame.columns else ())
+
+
+def worst_spread_pct(row, peers: Sequence[str] = IMPLEMENTATIONS) -> float:
+    """The largest spread of the implementations: the one that limits how far a ratio can be trusted."""
+    spreads = [s for s in (getattr(row, f"{name}_spread_pct") for name in peers) if not math.isnan(s)]
     return max(spreads) if spreads else math.nan
 
 
@@ -176,19 +242,32 @@ def render(frame: pd.DataFrame, title: str) -> Table:
     """One row per configuration, narrow enough for an 80-column terminal; numbers never wrap."""
     varying = [column for column in SETTINGS if frame[column].nunique() > 1]
     shared = [setting_label(column, frame[column].iloc[0]) for column in SETTINGS if column not in varying]
+    peers = peers_of(frame)
+    with_compiled = COMPILED_PEER in peers
+    if with_compiled:
+        shared.append(f"cardinal compiled ({frame['compiled'].iloc[0]})")
     table = Table(title=f"{title}: {' '.join(shared)}" if shared else title, box=box.SIMPLE_HEAD,
                   collapse_padding=True, caption="spread: (max - min) / median of the repeated img/s of each "
-                  "implementation; the larger of the two is shown", caption_justify="left")
+                  "implementation; the largest is shown" + ("; tv: torchvision's img/s in an eager loop, and "
+                                                            "compiled in cardinal's mode; TFLOP/s in the CSV"
+                                                            if with_compiled else ""),
+                  caption_justify="left")
     table.add_column("arch", no_wrap=True)
     if varying:
         table.add_column("setting", min_width=7)
-    for header in ("cardinal\nimg/s", "torchvision\nimg/s", "ratio", "spread", "cardinal\nTFLOP/s"):
+    headers = (("cardinal\nimg/s", "tv\neager", "tv\ncomp.", "vs\neager", "vs\ncomp.") if with_compiled
+               else ("cardinal\nimg/s", "torchvision\nimg/s", "ratio"))
+    for header in (*headers, "spread", *(() if with_compiled else ("cardinal\nTFLOP/s",))):  # 80 columns
         table.add_column(header, justify="right", no_wrap=True)
     for row in frame.itertuples():
         setting = [" ".join(setting_label(column, getattr(row, column)) for column in varying)] if varying else []
-        table.add_row(row.arch, *setting, f"{row.cardinal_img_per_s:.1f}", f"{row.torchvision_img_per_s:.1f}",
-                      f"{row.cardinal_vs_torchvision:.2f}x" + (NOISY_MARK if row.noisy else " "),
-                      format_pct(worst_spread_pct(row)), f"{row.cardinal_tflop_per_s:.3f}",
+        mark = NOISY_MARK if row.noisy else " "
+        rates = [f"{getattr(row, f'{name}_img_per_s'):.{0 if with_compiled else 1}f}" for name in peers]
+        ratios = [f"{row.cardinal_vs_torchvision:.2f}x" + mark]
+        if with_compiled:
+            ratios.append(f"{getattr(row, f'cardinal_vs_{COMPILED_PEER}'):.2f}x" + mark)
+        flops = () if with_compiled else (f"{row.cardinal_tflop_per_s:.3f}",)
+        table.add_row(row.arch, *setting, *rates, *ratios, format_pct(worst_spread_pct(row, peers)), *flops,
                       style="yellow" if row.noisy else None)
     return table
 
@@ -205,9 +284,14 @@ def noise_notes(frame: pd.DataFrame, limit_pct: float) -> list[str]:
 
 
 def progress_line(row: dict) -> str:
-    return (f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} {row['memory_format']}: "
+    line = (f"  {row['arch']} {row['mode']} b{row['batch']} {row['precision']} {row['memory_format']}: "
             f"{row['cardinal_img_per_s']:.1f} img/s (spread {format_pct(row['cardinal_spread_pct'])}), "
             f"torchvision {row['torchvision_img_per_s']:.1f} (spread {format_pct(row['torchvision_spread_pct'])})")
+    if f"{COMPILED_PEER}_img_per_s" in row:
+        line += (f", torchvision compiled {row[f'{COMPILED_PEER}_img_per_s']:.1f} "
+                 f"(spread {format_pct(row[f'{COMPILED_PEER}_spread_pct'])}); warm-up with compilation: "
+                 f"cardinal {row['cardinal_warmup_s']:.1f} s, torchvision {row[f'{COMPILED_PEER}_warmup_s']:.1f} s")
+    return line
 
 
 def build_parser() -> ArgumentParser:
@@ -227,6 +311,11 @@ def build_parser() -> ArgumentParser:
                              "their spread is reported")
     parser.add_argument("--noise-limit", type=positive_float, default=NOISE_LIMIT_PCT, metavar="PCT",
                         help="flag a ratio whose repeats differ by more than this, in percent of their median")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile cardinal's step, and measure torchvision compiled the same way as a third "
+                             "peer (default: as cardinal.train decides, i.e. on CUDA only)")
+    parser.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
+                        help="torch.compile mode (auto: as cardinal.train picks it for one process)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("bench.csv"), help="CSV file to write")
     return parser
@@ -246,14 +335,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output.touch()
     except OSError as error:
         raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
+    compiled = resolve_compile(compile_request(args.compile, args.compile_mode), device.type)
     console = make_console()
     console.print(f"benchmarking on {device} ({torch.get_num_threads()} threads), "
                   f"{args.steps} steps after {args.warmup} warm-up steps per configuration, "
-                  f"{args.repeats} repeat(s) per implementation")
+                  f"{args.repeats} repeat(s) per implementation; cardinal's step "
+                  + (f"compiled ({compiled}), torchvision eager and compiled" if compiled else "eager"))
     frame = run_benchmark(args.archs, args.batch_sizes, args.precisions, args.memory_formats, args.modes,
                           args.steps, args.warmup, device, args.repeats,
                           on_row=lambda row: console.print(progress_line(row), highlight=False),
-                          noise_limit_pct=args.noise_limit)
+                          noise_limit_pct=args.noise_limit, compiled=compiled)
     try:
         write_csv(frame, args.output)
     except OSError as error:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from cardinal.cli import CardinalError
 
@@ -108,7 +108,7 @@ class TrainConfig:
     mixed_precision: Optional[str] = None
     grad_accum: int = 1
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str, None] = False  # None: by device (cardinal.speedups); True; or the mode that ran
     sync_bn: bool = False
     eval_batch_size: int = 512
     save_every: int = 1

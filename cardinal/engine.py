@@ -27,12 +27,13 @@ from torch.optim.swa_utils import AveragedModel
 
 from cardinal.data import DeviceLoader, Normalize, eval_batches
 from cardinal.optim import ScheduledLR
+from cardinal.speedups import compiled_for_eval
 
 StepCallback = Callable[[Optional[float]], None]
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the step that produced it was not applied by any later code."""
+    """The loss became NaN or inf during the epoch (found at its end); nothing of that epoch is checkpointed."""
 
 
 @dataclass
@@ -99,11 +100,17 @@ def train_epoch(
     max_steps: Optional[int] = None,
     on_step: Optional[StepCallback] = None,
     average: Optional[AveragedModel] = None,
-    check_every: int = 10,
+    refresh_s: float = 1.0,
 ) -> TrainStats:
     """Train for one pass over ``loader`` (or ``max_steps`` optimizer steps, whichever ends first).
 
     ``average`` (an EMA of the weights) takes in every step the optimizer applied.
+
+    Nothing in a step waits for the device: losses, correct counts and a non-finite flag add up on the
+    device and are read once, at the end of the epoch, where a NaN/inf loss raises ``NonFiniteLoss`` on
+    every process together. ``on_step`` is called after every step with ``None``, and at most every
+    ``refresh_s`` seconds with this process's last loss, which alone waits for the device; without
+    ``on_step`` the epoch never waits before its end.
     """
     device, world = accelerator.device, accelerator.num_processes
     model.train()
@@ -114,6 +121,7 @@ def train_epoch(
     averaged_source = accelerator.unwrap_model(model, keep_torch_compile=False) if average is not None else None
     synchronize(device)
     start = time.perf_counter()
+    next_refresh = start
     for images_share, labels_share, global_count in loader:
         if max_steps is not None and steps >= max_steps:
             break
@@ -142,12 +150,11 @@ def train_epoch(
         skipped += not applied
         steps += 1
         images += global_count
-        shown = None
-        if steps % check_every == 0 or steps == len(loader):
-            if accelerator.reduce(nonfinite.clone(), "sum").item():
-                raise NonFiniteLoss(f"step {steps}")
-            shown = summed.item() / max(1, len(chunks[-1][1]))  # this process's last micro-batch
         if on_step is not None:
+            shown = None
+            if time.perf_counter() >= next_refresh:  # a local read: no collective, so ranks need not agree
+                shown = summed.item() / max(1, len(chunks[-1][1]))  # this process's last micro-batch
+                next_refresh = time.perf_counter() + refresh_s
             on_step(shown)
     if accelerator.reduce(nonfinite.clone(), "sum").item():
         raise NonFiniteLoss(f"step {steps}")
@@ -184,35 +191,48 @@ def evaluate(
     batch_size: int,
     limit_batches: int = 0,
     flip: bool = False,
+    compile_mode: Optional[str] = None,
 ) -> EvalStats:
     """Loss and accuracy over the whole split; each process takes a disjoint contiguous shard.
 
     ``flip`` also measures flip test-time augmentation (logits of the image and its mirror averaged) as
     ``flip_accuracy``; ``loss`` and ``accuracy`` stay those of the plain model.
+
+    Evaluation runs in the run's precision (accelerate's autocast, also for a model it did not prepare,
+    such as the weight average) and memory format (``normalize``), without DDP's wrapper (shards may differ
+    by one batch). With ``compile_mode`` the network is compiled for evaluation and the last batch is padded
+    to ``batch_size`` so that one graph serves every batch; the padding's outputs are dropped (BatchNorm in
+    eval mode treats each image alone).
     """
     device = accelerator.device
     broadcast_buffers(accelerator, model)
-    network = accelerator.unwrap_model(model)  # no DDP hooks: shards may differ by one batch
-    was_training = network.training
-    network.eval()
+    plain = accelerator.unwrap_model(model, keep_torch_compile=False)
+    network = compiled_for_eval(plain, compile_mode) if compile_mode else plain
+    was_training = plain.training
+    plain.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct, count, correct with flip
     synchronize(device)
     start = time.perf_counter()
     batches = eval_batches(images, labels, batch_size, normalize, accelerator.process_index,
                            accelerator.num_processes)
-    for index, (inputs, targets) in enumerate(batches):
-        if limit_batches and index >= limit_batches:
-            break
-        logits = network(inputs).float()
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-        sums[1] += (logits.argmax(1) == targets).sum().double()
-        sums[2] += len(targets)
-        if flip:
-            averaged = logits + network(inputs.flip(3)).float()
-            sums[3] += (averaged.argmax(1) == targets).sum().double()
+    with accelerator.autocast():
+        for index, (inputs, targets) in enumerate(batches):
+            if limit_batches and index >= limit_batches:
+                break
+            count = len(targets)
+            if compile_mode and count < batch_size:
+                inputs = _padded(inputs, batch_size)
+            # cloned: a CUDA-graph replay (the flip pass, the next batch) reuses its output's memory
+            logits = network(inputs)[:count].float().clone()
+            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
+            sums[1] += (logits.argmax(1) == targets).sum().double()
+            sums[2] += count
+            if flip:
+                averaged = logits + network(inputs.flip(3))[:count].float()
+                sums[3] += (averaged.argmax(1) == targets).sum().double()
     totals = accelerator.reduce(sums, "sum")
     synchronize(device)
-    network.train(was_training)
+    plain.train(was_training)
     count = int(totals[2].item())
     return EvalStats(
         loss=totals[0].item() / max(1, count),
@@ -222,3 +242,9 @@ def evaluate(
         flip_accuracy=100.0 * totals[3].item() / max(1, count) if flip else None,
     )
 
+
+def _padded(inputs: torch.Tensor, size: int) -> torch.Tensor:
+    """``inputs`` followed by zero images up to ``size``, in the same memory format."""
+    padding = inputs.new_zeros((size - len(inputs), *inputs.shape[1:]))
+    memory_format = torch.contiguous_format if inputs.is_contiguous() else torch.channels_last
+    return torch.cat([inputs, padding]).contiguous(memory_format=memory_format)

@@ -28,10 +28,11 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """``fused``: torch's one-kernel SGD step (None: torch's default, the foreach step)."""
     groups = parameter_groups(model, recipe.weight_decay, recipe.no_decay_norm_bias)
     return torch.optim.SGD(groups, lr=recipe.effective_lr(), momentum=recipe.momentum,
-                           nesterov=recipe.nesterov and recipe.momentum > 0)
+                           nesterov=recipe.nesterov and recipe.momentum > 0, fused=fused)
 
 
 @dataclass(frozen=True)

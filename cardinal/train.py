@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -61,6 +61,15 @@ from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
 from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, run_lock
+from cardinal.speedups import (
+    AUTO,
+    COMPILE_MODES,
+    compile_model,
+    compile_request,
+    fused_optimizer,
+    resolve_compile,
+    tune_kernels,
+)
 from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
 from cardinal.validate import (
     IMAGE_SIDE,
@@ -78,7 +87,7 @@ EVAL_NAME = "eval.json"  # what --eval-only writes; a training run removes a sta
 # Flags that may differ when resuming: they change how the run continues, not what it computes.
 # --epochs is decided separately (see check_epochs_change).
 RESUMABLE_CHANGES = {"save_every", "max_steps", "limit_eval_batches", "progress", "export", "eval_batch_size",
-                     "data_dir", "download", "output_dir", "run_name", "stop_after", "log_with"}
+                     "data_dir", "download", "output_dir", "run_name", "stop_after", "log_with", "compile"}
 
 
 def _recipe_help(knob: str, text: str) -> str:
@@ -185,7 +194,11 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                      help="autocast precision (default: the accelerate config's, else no)")
     how.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     how.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    how.add_argument("--compile", action="store_true", help="torch.compile the model")
+    how.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the model (default: on CUDA only; --no-compile to run eagerly)")
+    how.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
+                     help="torch.compile mode (auto: reduce-overhead, i.e. CUDA graphs, for one CUDA process, "
+                          "else default)")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
     how.add_argument("--max-steps", type=non_negative_int, default=0,
@@ -230,7 +243,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data_dir=str(args.data_dir), download=args.download, synthetic_train=args.synthetic_train,
         synthetic_test=args.synthetic_test, synthetic_classes=args.synthetic_classes,
         output_dir=str(args.output_dir), run_name=run_name, mixed_precision=args.mixed_precision,
-        grad_accum=args.grad_accum, channels_last=args.channels_last, compile=args.compile,
+        grad_accum=args.grad_accum, channels_last=args.channels_last,
+        compile=compile_request(args.compile, args.compile_mode),
         sync_bn=args.sync_bn, eval_batch_size=args.eval_batch_size, save_every=args.save_every,
         max_steps=args.max_steps, limit_batches=args.limit_batches,
         limit_eval_batches=args.limit_eval_batches, init_weights=args.init_weights, export=args.export,
@@ -376,20 +390,10 @@ def make_accelerator(config: TrainConfig, run_dir: Path, trackers: Sequence[str]
 
     try:
         return Accelerator(mixed_precision=config.mixed_precision,
-                           dynamo_backend="inductor" if config.compile else None,
+                           dynamo_backend="no",  # set_up compiles, as cardinal.speedups decides
                            log_with=list(trackers) or None, project_dir=str(run_dir / TRACKING_DIR))
     except (ValueError, RuntimeError) as error:
         raise CardinalError(f"cannot set up Accelerate: {str(error).strip().splitlines()[0]}") from None
-
-
-def is_compiled(model: torch.nn.Module) -> bool:
-    """Whether the prepared model really runs through torch.compile (a flag or ACCELERATE_DYNAMO_BACKEND)."""
-    seen = model
-    for _ in range(3):
-        if hasattr(seen, "_orig_mod"):
-            return True
-        seen = getattr(seen, "module", seen)
-    return False
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,7 @@ class Session:
     schedule: Schedule
     trackers: Tuple[str, ...]
     average: Optional[torch.nn.Module] = None  # the EMA of the weights (--ema-decay), or None
+    step_model: Optional[torch.nn.Module] = None  # the compiled wrapper of model that training steps call
 
     @property
     def main_process(self) -> bool:
@@ -443,14 +448,16 @@ class Session:
     def evaluate(self, split: Optional[Split] = None):
         """The test split, or ``split``; every image counted once over the processes."""
         return evaluate(self.accelerator, self.model, *(split or self.test), self.normalize,
-                        self.config.eval_batch_size, self.config.limit_eval_batches, flip=self.config.recipe.eval_flip)
+                        self.config.eval_batch_size, self.config.limit_eval_batches, flip=self.config.recipe.eval_flip,
+                        compile_mode=self.config.compile or None)
 
     def evaluate_average(self, split: Optional[Split] = None):
         """The EMA's loss and accuracy on the test split or ``split``; None without an EMA or before any update."""
         if self.average is None or int(self.average.n_averaged) == 0:
             return None
         return evaluate(self.accelerator, self.average, *(split or self.test), self.normalize,
-                        self.config.eval_batch_size, self.config.limit_eval_batches)
+                        self.config.eval_batch_size, self.config.limit_eval_batches,
+                        compile_mode=self.config.compile or None)
 
 
 def set_up(config: TrainConfig, run_dir: Path) -> Session:
@@ -483,11 +490,14 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         model = convert_sync_batchnorm(model, accelerator.device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, recipe)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    plain = accelerator.unwrap_model(model, keep_torch_compile=False)  # the EMA itself always runs eagerly
-    average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None
     device = accelerator.device
+    tune_kernels(device.type)
+    optimizer = build_optimizer(model, recipe, fused=fused_optimizer(device.type))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plain = accelerator.unwrap_model(model)
+    average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None
+    config = replace(config, compile=resolve_compile(config.compile, device.type, world))
+    step_model = compile_model(model, plain, config.compile) if config.compile else None  # around DDP
     normalize = Normalize(recipe.mean, recipe.std, device, config.channels_last)
     loader = DeviceLoader(train_images, train_labels, recipe.batch_size, normalize, device,
                           accelerator.process_index, world, shuffle=True,
@@ -500,7 +510,7 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     report = ConsoleReport(enabled=accelerator.is_main_process, progress=config.progress)
     on_device = lambda split: (split[0].to(device), split[1].to(device)) if split is not None else None  # noqa: E731
     return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize, on_device(test),
-                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers, average)
+                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers, average, step_model)
 
 
 def restore(session: Session, resuming: bool) -> Progress:
@@ -546,7 +556,8 @@ def run_info(session: Session) -> Dict[str, Any]:
         "recipe": config.recipe_name, "params": session.cost.params, "gflops": session.cost.gflops,
         "image_size": IMAGE_SIZE[-1], "global_batch": config.recipe.batch_size,
         "world_size": accelerator.num_processes, "precision": accelerator.mixed_precision,
-        "channels_last": config.channels_last, "compiled": is_compiled(session.model),
+        "channels_last": config.channels_last,
+        "compiled": config.compile if session.step_model is not None else False,  # False or the mode
         "device": device_name(accelerator.device), "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__, "cardinal_version": cardinal.__version__,
         "seed": config.seed,
@@ -571,9 +582,10 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
                               progress.schedule_step)
     started = time.perf_counter()
     try:
-        trained = train_epoch(session.accelerator, session.model, session.loader, session.optimizer, lr_schedule,
+        stepped = session.model if session.step_model is None else session.step_model
+        trained = train_epoch(session.accelerator, stepped, session.loader, session.optimizer, lr_schedule,
                               config.recipe.label_smoothing, config.grad_accum, config.recipe.grad_clip,
-                              steps_left, on_step or session.report.step, session.average)
+                              steps_left, on_step, session.average)
     except NonFiniteLoss:
         session.report.end_epoch({})
         raise diverged(epoch, "the training loss", session, progress) from None
@@ -591,8 +603,8 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
                      peak_memory_mb(device), validated, test_average, val_average)
 
 
-def _step_clock(session: Session, progress: Progress, rule: StopRule):
-    """The progress bar's step callback, which also announces the estimated time once the first steps ran."""
+def _first_steps_clock(session: Session, progress: Progress, rule: StopRule):
+    """Times the first steps of this invocation and announces the estimated time once (main process)."""
     from cardinal.eta import FirstStepsClock, planned_steps
 
     epochs = rule.epochs - progress.epoch
@@ -600,6 +612,14 @@ def _step_clock(session: Session, progress: Progress, rule: StopRule):
     clock = FirstStepsClock(planned_steps(epochs, len(session.loader), rule.steps_left(progress.global_step)),
                             epochs, session.report.line)
     clock.done = clock.done or not session.main_process
+    return clock
+
+
+def _step_callback(session: Session, clock) -> Optional[Callable[[Optional[float]], None]]:
+    """What the loop calls after each step: the progress bar and, until it has spoken, the time estimate.
+    None when neither listens, so an epoch never waits for the device before its end."""
+    if clock.done and not session.report.show_progress:
+        return None
 
     def on_step(loss: Optional[float]) -> None:
         session.report.step(loss)
@@ -610,10 +630,11 @@ def _step_clock(session: Session, progress: Progress, rule: StopRule):
 
 def run_epochs(session: Session, progress: Progress, rule: StopRule, records: RunRecords) -> None:
     config = session.config
-    on_step = _step_clock(session, progress, rule)
+    clock = _first_steps_clock(session, progress, rule)
     while not rule.done(progress.epoch, progress.global_step):
         epoch = progress.epoch + 1
-        row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step), on_step)
+        row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step),
+                        _step_callback(session, clock))
         if session.main_process:  # the row first: a kill before the checkpoint only retrains this epoch
             records.add(row)
         if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
@@ -682,7 +703,8 @@ def header(session: Session, info: Dict[str, Any]) -> str:
     config, cost = session.config, session.cost
     return (f"{config.arch}: {cost.params:,} parameters, {cost.gflops:.2f} GFLOPs/image; "
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}"
-            f"{', compiled' if info['compiled'] else ''}; {len(session.loader)} steps/epoch of "
+            f"{', compiled (' + str(info['compiled']) + ')' if info['compiled'] else ''}; "
+            f"{len(session.loader)} steps/epoch of "
             f"{config.recipe.batch_size}"
             + (f"; {len(session.val[1])} training images held out for validation" if session.val else "")
             + f"; records in {session.run_dir / CSV_NAME}")
@@ -697,7 +719,8 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
         if eval_only and resume_dir is None and (run_dir / CSV_NAME).exists():
             raise CardinalError(f"--eval-only: {run_dir} holds a training run, and its {EVAL_NAME} would describe "
                                 "other weights; pass another --run-name (or --resume it to evaluate its checkpoint)")
-        session = set_up(config, run_dir)
+        # one evaluation would not win back the time compiling takes
+        session = set_up(replace(config, compile=False) if eval_only else config, run_dir)
         clean = False
         try:
             progress = restore(session, resume_dir is not None)

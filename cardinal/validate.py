@@ -42,7 +42,8 @@ def _type_problem(value: Any, hint: Any) -> Optional[str]:
     if origin is typing.Union:
         if value is None and type(None) in args:
             return None
-        return _type_problem(value, next(a for a in args if a is not type(None)))
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if None in problems else " or ".join(problems)
     if origin is tuple:
         if not isinstance(value, tuple):
             return "a list"
@@ -80,6 +81,7 @@ def _bounds(config) -> List[Tuple[bool, str]]:
     from cardinal.config import RECIPES
     from cardinal.data import DATASET_CHOICES
     from cardinal.models import list_archs
+    from cardinal.speedups import AUTO, COMPILE_MODES
     from cardinal.tracking import TRACKER_CHOICES
 
     recipe = config.recipe
@@ -100,6 +102,8 @@ def _bounds(config) -> List[Tuple[bool, str]]:
          f"--grad-accum must be between 1 and --batch-size ({recipe.batch_size}), got {config.grad_accum}"),
         (1 <= config.eval_batch_size <= MAX_BATCH,
          f"--eval-batch-size must be between 1 and {MAX_BATCH}, got {config.eval_batch_size}"),
+        (not isinstance(config.compile, str) or config.compile in (AUTO, *COMPILE_MODES),
+         f"--compile-mode must be one of {', '.join((AUTO, *COMPILE_MODES))}, got {config.compile!r}"),
         (config.save_every >= 1, f"--save-every must be a positive integer, got {config.save_every}"),
         *[(getattr(config, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
           for name in ("max_steps", "limit_batches", "limit_eval_batches")],

@@ -159,6 +159,52 @@ def test_table_fits_80_columns_without_breaking_numbers():
             assert text.count(number) == len(subset), number
 
 
+def test_compiled_table_has_both_torchvision_peers_and_fits_80_columns():
+    rows = []
+    for arch, mode, precision, layout, batch in itertools.product(
+            ["resnext101_32x8d", "resnet50"], bench.MODES, ["no", "bf16"], list(bench.FORMATS), [128, 1024]):
+        row = {"arch": arch, "mode": mode, "precision": precision, "memory_format": layout, "batch": batch,
+               "repeats": 3, "compiled": "reduce-overhead"}
+        row.update(bench.result_columns({"cardinal": [123456.7, 100000.0, 110000.0],
+                                         "torchvision": [12345.6, 12000.0, 12100.0],
+                                         bench.COMPILED_PEER: [61728.35, 61000.0, 60000.0]}, 7.8e9, 10.0))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    assert frame[f"cardinal_vs_{bench.COMPILED_PEER}"].eq(2.0).all()  # best against best
+    console = Console(width=80, record=True)
+    console.print(bench.render(frame, "Throughput on cuda:0"))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "cardinal compiled (reduce-overhead)" in text
+    for number in ("123457", "12346", "61728", "10.00x*", "2.00x*", "21.3%"):
+        assert text.count(number) == len(frame), number
+
+
+def test_compiled_bench_measures_three_peers_and_times_their_warm_up(tmp_path, monkeypatch):
+    """--compile on the CPU with dynamo's eager backend: the plumbing, not the speed."""
+    monkeypatch.setenv("CARDINAL_COMPILE_BACKEND", "eager")
+    warmups = []
+    real_measure = bench.measure
+
+    def spy(model, **settings):
+        warmups.append((type(model).__name__, settings["warmup"]))
+        return real_measure(model, **settings)
+    monkeypatch.setattr(bench, "measure", spy)
+    output = tmp_path / "bench.csv"
+    with pytest.raises(SystemExit) as code:
+        run(bench.main, ["--archs", "tiny_resnet", "--batch-sizes", "4", "--precisions", "no", "--modes", "train",
+                         "--memory-formats", "nchw", "--steps", "1", "--warmup", "1", "--repeats", "1", "--compile",
+                         "--output", str(output)])
+    assert code.value.code == 0
+    row = pd.read_csv(output).iloc[0]
+    assert row["compiled"] == "default"
+    assert row[f"cardinal_vs_{bench.COMPILED_PEER}"] == pytest.approx(
+        row["cardinal_img_per_s"] / row[f"{bench.COMPILED_PEER}_img_per_s"])
+    assert all(row[f"{name}_warmup_s"] > 0 for name in (*bench.IMPLEMENTATIONS, bench.COMPILED_PEER))
+    # compiled peers (torch.compile wrappers) warm up for at least 3 steps, the eager one for --warmup
+    assert sorted(warmups) == [("OptimizedModule", 3), ("OptimizedModule", 3), ("ResNet", 1)]
+
+
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.sh"
 
 
@@ -219,3 +265,44 @@ def test_gpu_check_table_on_the_cpu(tmp_path):
     rate = pd.read_csv(output / "runs" / "fp32" / "epochs.csv")["img_per_s"].iloc[-1]
     assert rows["fp32"][3] == f"{rate:.1f}"
     assert rows["sync-bn"][1] == "skip" and "2 CUDA devices" in table
+
+
+GPU_SPEED = REPO / "benchmarks" / "gpu_speed.sh"
+
+
+def test_gpu_speed_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
+    assert os.access(GPU_SPEED, os.X_OK)
+    assert run_command(["bash", "-n", GPU_SPEED]).returncode == 0
+    output = tmp_path / "speed"
+    done = run_command(["bash", GPU_SPEED, output], env=gpu_check_env())
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "DRY_RUN=1" in done.stderr
+    assert not output.exists()
+    done = run_command(["bash", GPU_SPEED, output], env=gpu_check_env(DRY_RUN="1", ONLY="bench warp"))
+    assert done.returncode == 2 and "unknown step 'bench'" in done.stderr
+
+
+def test_gpu_speed_script_is_shellcheck_clean():
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    done = run_command([shellcheck, GPU_SPEED])
+    assert done.returncode == 0, done.stdout
+
+
+def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_speed_report as report
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    log = ["100.0 Epoch   loss    acc", "100.5     1 2.3219  10.31 2.2926  14.00  0.0229    17.8",
+           "103.5     2 2.2759  14.38 2.2873   9.00  0.0125    20.5", "103.6 exported model.pt2",
+           "107.0     3 2.2472  15.62 2.2766  14.00 0.00208    21.5", "107.1 │ Epochs │ 3 │"]
+    rows = [{"epoch": str(epoch), "train_time_s": "2.5", "eval_time_s": "0.25"} for epoch in (1, 2, 3)]
+    assert report.row_times(log) == {1: 100.5, 2: 103.5, 3: 107.0}
+    lines = report.wall_lines(log, rows)
+    assert lines[0].startswith("epoch 2: wall 3.00 s, training 2.50 s, evaluation 0.25 s")
+    assert "the rest (checkpoint, records) 0.25 s: wall / training 1.200" in lines[0]
+    assert lines[-1] == "wall / training, epochs 2+: 1.400 at worst (goal <= 1.15)"  # epoch 3: 3.5 s
+    assert report.wall_lines(log[:2], rows) == ["no epoch after the first to time"]

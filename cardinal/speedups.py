@@ -1,0 +1,113 @@
+"""Which speed-ups a run uses on its device: torch.compile and its mode, the fused optimizer step, cuDNN's
+algorithm search. One place decides each, from the flags and the device, before the model is prepared.
+
+Compilation by default (``--compile`` not given) is on for CUDA, where it pays, and off elsewhere: on a CPU
+it costs minutes of start-up for these nets. The mode by default is ``reduce-overhead`` (CUDA graphs: one
+launch replays a whole forward or backward) for one CUDA process, since a ResNet-50 step at batch 128
+leaves the GPU idle most of the time while the CPU launches kernels one by one; with several processes it
+is ``default``: CUDA graphs and DDP's gradient hooks on BatchNorm modules are known not to mix (pytorch
+issues 128218, 139207). Shapes are compiled static (``dynamic=False``): every batch of an epoch but the
+last has the same shape, and evaluation pads its last batch to keep one shape.
+
+``CARDINAL_COMPILE_BACKEND`` (e.g. ``aot_eager``) replaces inductor: tests trace the same graphs on a
+CPU without generating and compiling C++ (the mode then does not apply).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+
+from cardinal.cli import CardinalError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AUTO = "auto"
+BACKEND_ENV = "CARDINAL_COMPILE_BACKEND"
+ACCELERATE_BACKEND_ENV = "ACCELERATE_DYNAMO_BACKEND"
+
+_EVAL_COMPILED: "WeakKeyDictionary[nn.Module, nn.Module]" = WeakKeyDictionary()
+
+Compile = Union[bool, str, None]  # requested: None (decide by device), False, True / "auto", or a mode
+
+
+def resolve_compile(requested: Compile, device_type: str, world: int = 1) -> Union[bool, str]:
+    """False (eager) or the torch.compile mode the run will use.
+
+    ``None`` compiles on CUDA, or wherever an accelerate config asked for a dynamo backend;
+    ``True`` / ``"auto"`` compile with the mode that suits the device and the number of processes.
+    """
+    if requested is None:
+        from_accelerate = os.environ.get(ACCELERATE_BACKEND_ENV, "no").lower() not in ("", "no")
+        requested = device_type == "cuda" or from_accelerate
+    if requested is False:
+        return False
+    if requested in (True, AUTO):
+        return "reduce-overhead" if device_type == "cuda" and world == 1 else "default"
+    if requested not in COMPILE_MODES:
+        raise CardinalError(f"unknown compile mode {requested!r}; choose one of: {', '.join((AUTO, *COMPILE_MODES))}")
+    return requested
+
+
+def compile_request(flag: Optional[bool], mode: str = AUTO) -> Compile:
+    """What ``--compile`` / ``--no-compile`` (``flag``, None when neither is given) and ``--compile-mode`` ask
+    for: False, None (decide by device), or a mode (``"auto"``: decide the mode by device)."""
+    if flag is False:
+        return False
+    return mode if flag or mode != AUTO else None
+
+
+def compile_backend() -> str:
+    return os.environ.get(BACKEND_ENV, "") or "inductor"
+
+
+def compile_kwargs(mode: str) -> dict:
+    """torch.compile's arguments for ``mode``: static shapes; the mode only where the backend is inductor."""
+    backend = compile_backend()
+    kwargs = {"backend": backend, "dynamic": False}
+    if backend == "inductor":
+        kwargs["mode"] = mode
+    return kwargs
+
+
+def fused_optimizer(device_type: str) -> Optional[bool]:
+    """SGD's fused kernel (one launch for every parameter's update) on CUDA; torch's own default elsewhere."""
+    return True if device_type == "cuda" else None
+
+
+def tune_kernels(device_type: str) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape: every step has the same shapes."""
+    if device_type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def compile_model(model: nn.Module, plain: nn.Module, mode: str) -> nn.Module:
+    """A compiled wrapper of the prepared ``model`` for training steps, sharing its parameters; ``model``
+    itself stays as it was, so checkpoints, the EMA and exports read the same whether a run compiled or not.
+    Without DDP (``model`` is ``plain``) evaluation reuses the wrapper (see ``compiled_for_eval``)."""
+    compiled = torch.compile(model, **compile_kwargs(mode))
+    if model is plain:
+        _EVAL_COMPILED[plain] = compiled
+    return compiled
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs through torch.compile."""
+    return hasattr(module, "_orig_mod") or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compiled_for_eval(module: nn.Module, mode: str) -> nn.Module:
+    """A compiled wrapper of ``module``, made once and kept as long as the module lives: the training one
+    without DDP; else one of its own (for the weight average, or for the module inside DDP, whose compiled
+    wrapper must not run in evaluation: DDP's forward would wait for the other processes, whose shards may
+    be one batch shorter)."""
+    if is_compiled(module):
+        return module
+    compiled = _EVAL_COMPILED.get(module)
+    if compiled is None:
+        compiled = torch.compile(module, **compile_kwargs(mode))
+        _EVAL_COMPILED[module] = compiled
+    return compiled
