@@ -230,12 +230,18 @@ def save_state_dict(model: nn.Module, path: os.PathLike | str,
                     normalization: Optional[Normalization] = None) -> Path:
     """A plain state_dict file; its mean/std (when given) in ``<stem>.json`` beside it, written first."""
     state = clean_state_dict(_plain_eval_copy(model).state_dict())
+    replacing = Path(path).exists()
     if normalization is not None:
         write_normalization(path, normalization)
     else:
         with contextlib.suppress(FileNotFoundError):  # never leave another model's mean/std beside it
             normalization_path(path).unlink()
-    return _write(path, lambda buffer: torch.save(state, buffer))
+    try:
+        return _write(path, lambda buffer: torch.save(state, buffer))
+    except BaseException:
+        if not replacing:  # a failed first write (full disk) leaves no mean/std without their weights
+            normalization_path(path).unlink(missing_ok=True)
+        raise
 
 
 def export_model(
