@@ -38,10 +38,9 @@ ALL_CHECKS="fp32 fp16 bf16 channels_last eval-only export reload bench sync-bn p
 CHECKS=${GPU_CHECK_ONLY:-$ALL_CHECKS}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 
-refuse() {
-    echo "gpu_check: $*" >&2
-    exit 2
-}
+SCRIPT=gpu_check
+# shellcheck source=benchmarks/preflight.sh
+. "$REPO/benchmarks/preflight.sh"
 
 # --- can this machine run the checks at all? (one line and exit 2 if not) ---------------------------
 for value in "$STEPS" "$BATCH" "$TOTAL_S"; do
@@ -50,9 +49,7 @@ done
 for name in $CHECKS; do
     [[ " $ALL_CHECKS " == *" $name "* ]] || refuse "unknown check '$name' in GPU_CHECK_ONLY; choose from: $ALL_CHECKS"
 done
-command -v timeout >/dev/null || refuse "the 'timeout' command (coreutils) is missing"
-GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null | tail -n 1)
-[[ "$GPUS" =~ ^[0-9]+$ ]] || refuse "cannot import torch with '$PYTHON'; activate the environment cardinal is installed in"
+GPUS=$(visible_gpus) || exit 2
 if [ "$GPUS" -eq 0 ] && [ "${CARDINAL_GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
     refuse "no CUDA device visible (torch.cuda.is_available() is False); run this on a GPU machine"
 fi

@@ -86,10 +86,9 @@ else
 fi
 JPEG_TOOL=${JPEG_TOOL:-$REPO/../shared/tools/cifar10_jpeg.py}
 
-refuse() {
-    echo "gpu_speed: $*" >&2
-    exit 2
-}
+SCRIPT=gpu_speed
+# shellcheck source=benchmarks/preflight.sh
+. "$REPO/benchmarks/preflight.sh"
 
 # --- can this machine run it at all? (one line and exit 2 if not) ---------------------------------------
 for name in $STEPS; do
@@ -98,9 +97,7 @@ done
 for value in "$BENCH_STEPS" "$BENCH_REPEATS" "$TOTAL_S" "$ACCURACY_EPOCHS" "$WALL_EPOCHS" "$TRAIN_BATCH"; do
     [[ "$value" =~ ^[1-9][0-9]*$ ]] || refuse "counts and TOTAL_S must be positive integers, got '$value'"
 done
-command -v timeout >/dev/null || refuse "the 'timeout' command (coreutils) is missing"
-GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null | tail -n 1)
-[[ "$GPUS" =~ ^[0-9]+$ ]] || refuse "cannot import torch with '$PYTHON'; activate the environment cardinal is installed in"
+GPUS=$(visible_gpus) || exit 2
 if [ "$GPUS" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
     refuse "no CUDA device visible; run this on a GPU machine, or DRY_RUN=1 to exercise it on a CPU"
 fi

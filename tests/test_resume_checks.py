@@ -10,6 +10,7 @@ import shutil
 
 import pandas as pd
 import pytest
+from test_train_errors import _one_line
 
 import cardinal.train as train_module
 from cardinal.cli import run
@@ -26,13 +27,6 @@ def _train(argv, capsys=None):
         run(train_module.main, argv)
     err = capsys.readouterr().err.strip() if capsys else ""
     return exit_info.value.code, err
-
-
-def _one_line(code, err, *fragments):
-    assert code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
 def _snapshot(folder):

@@ -5,10 +5,9 @@ import re
 import sys
 
 import pytest
-from test_summary import write_run
+from test_summary import _summary, write_run
 
 from cardinal import summary
-from cardinal.cli import run
 from cardinal.summary.render import render_table
 
 FAST = {"recipe": "fast", "precision": "bf16", "channels_last": True, "device": "NVIDIA H200"}
@@ -35,13 +34,6 @@ def sweep(tmp_path):
         write_run(tmp_path / name, arch, 0, _curve(final, epochs), overrides={"batch_size": batch, "lr": lr},
                   **FAST)
     return tmp_path
-
-
-def _summary(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run(summary.main, [str(a) for a in argv])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def _words(text):
