@@ -36,30 +36,33 @@ def format_duration(seconds: float) -> str:
 class FirstStepsClock:
     """A step callback that times the first steps and announces the estimate once.
 
-    Called after every optimizer step with the loss, which is None where the step was not synchronised
-    with the device; only synchronised steps are read, so on a GPU the estimate times finished work.
+    ``wait`` blocks until the device has finished the work queued so far (a no-op on the CPU); it is called
+    twice per run, after the first step and at the timed one, so on a GPU the estimate times finished work
+    and the steps between never wait.
     """
 
     def __init__(self, total_steps: int, epochs: int, announce: Callable[[str], None],
-                 timed_steps: int = TIMED_STEPS, clock: Callable[[], float] = time.perf_counter) -> None:
+                 timed_steps: int = TIMED_STEPS, clock: Callable[[], float] = time.perf_counter,
+                 wait: Callable[[], None] = lambda: None) -> None:
         self.total_steps, self.epochs, self.announce = total_steps, epochs, announce
-        self.timed_steps, self.clock = timed_steps, clock
+        self.timed_steps, self.clock, self.wait = timed_steps, clock, wait
         self.calls = 0
         self.started: Optional[float] = None
         self.done = total_steps <= timed_steps  # a run this short is over before an estimate helps
 
-    def __call__(self, loss: Optional[float]) -> None:
+    def __call__(self, _loss: Optional[float] = None) -> None:
         if self.done:
             return
         self.calls += 1
-        now = self.clock()
         if self.started is None:
-            self.started = now  # after the first step: its warm-up is not timed
+            self.wait()
+            self.started = self.clock()  # after the first step: its warm-up is not timed
             return
-        if self.calls < self.timed_steps or loss is None:
+        if self.calls < self.timed_steps:
             return
+        self.wait()
         self.done = True
-        seconds = estimate_seconds(now - self.started, self.calls - 1, self.total_steps)
+        seconds = estimate_seconds(self.clock() - self.started, self.calls - 1, self.total_steps)
         plural = "epoch" if self.epochs == 1 else "epochs"
         self.announce(f"estimated time for {self.epochs} {plural}: {format_duration(seconds)} "
                       f"({self.total_steps} steps, timed over the first {self.calls}; evaluation not included)")

@@ -55,7 +55,14 @@ from cardinal.data import (
     num_classes_of,
     synthetic_split,
 )
-from cardinal.engine import NonFiniteLoss, evaluate, peak_memory_mb, reset_peak_memory, train_epoch
+from cardinal.engine import (
+    NonFiniteLoss,
+    evaluate,
+    peak_memory_mb,
+    reset_peak_memory,
+    synchronize,
+    train_epoch,
+)
 from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
@@ -610,7 +617,7 @@ def _first_steps_clock(session: Session, progress: Progress, rule: StopRule):
     epochs = rule.epochs - progress.epoch
     epochs = min(epochs, rule.stop_after) if rule.stop_after else epochs
     clock = FirstStepsClock(planned_steps(epochs, len(session.loader), rule.steps_left(progress.global_step)),
-                            epochs, session.report.line)
+                            epochs, session.report.line, wait=lambda: synchronize(session.accelerator.device))
     clock.done = clock.done or not session.main_process
     return clock
 

@@ -22,13 +22,13 @@ def test_durations_read_in_the_unit_that_fits(seconds, text):
     assert format_duration(seconds) == text
 
 
-def test_the_clock_announces_once_at_a_synchronised_step_without_the_first_step():
-    ticks = iter([100.0] + [100.0 + 2.0 * i for i in range(1, 40)])  # the first step took 100 s (warm-up)
-    lines = []
-    clock = FirstStepsClock(1300, 10, lines.append, clock=lambda: next(ticks))
-    for step in range(1, 31):
-        clock(0.5 if step % 10 == 0 else None)  # the loss is read (synchronised) every 10 steps
-    assert len(lines) == 1
+def test_the_clock_announces_once_after_waiting_for_the_device_without_the_first_step():
+    ticks = iter([100.0, 100.0 + 2.0 * 9])  # read after the first step (its warm-up) and at the tenth
+    lines, waits = [], []
+    clock = FirstStepsClock(1300, 10, lines.append, clock=lambda: next(ticks), wait=lambda: waits.append(1))
+    for _ in range(30):
+        clock(None)  # the loop reads no loss: the clock waits for the device itself
+    assert len(lines) == 1 and len(waits) == 2  # the device is waited for twice in the whole run
     assert lines[0].startswith("estimated time for 10 epochs: ~43 min (1300 steps, timed over the first 10")
 
 
