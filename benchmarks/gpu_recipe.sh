@@ -90,7 +90,9 @@ fi
 SEED_PASS=${SEED_PASS:---mixed-precision no}
 read -r -a FAST_FLAGS <<< "$FAST_PASS"
 read -r -a SEED_FLAGS <<< "$SEED_PASS"
-COMMON=(--no-progress --no-export)
+# Runs share the GPU here, so speed is not measured: none compiles (compiling each of many runs at once
+# would spend the device time on compilers; compiled and eager training agree, see gpu_speed.sh).
+COMMON=(--no-progress --no-export --no-compile)
 
 mkdir -p "$OUT/jobs" "$OUT/logs" || exit 2
 COUNT=0
