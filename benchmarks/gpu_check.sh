@@ -56,6 +56,7 @@ fi
 command -v accelerate >/dev/null || refuse "'accelerate' is not on PATH; activate the environment cardinal is installed in"
 
 OUT=${1:-gpu-check-$(date +%Y%m%d-%H%M%S)}
+fresh_folder "$OUT"
 mkdir -p "$OUT/runs" 2>/dev/null || refuse "cannot create output folder $OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || refuse "cannot enter $REPO"

@@ -41,6 +41,10 @@ set -o pipefail
 PYTHON=${PYTHON:-python}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:-gpu-recipe-$(date +%Y%m%d-%H%M%S)}
+SCRIPT=gpu_recipe
+# shellcheck source=benchmarks/preflight.sh
+. "$REPO/benchmarks/preflight.sh"
+fresh_folder "$OUT"
 DRY_RUN=${DRY_RUN:-0}
 
 if [ "$DRY_RUN" = 1 ]; then

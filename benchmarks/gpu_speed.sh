@@ -106,7 +106,7 @@ if [ "$DRY_RUN" != 1 ] && [ -n "${DATA_DIR:-}" ]; then
 fi
 
 OUT=${1:-gpu-speed-$(date +%Y%m%d-%H%M%S)}
-mkdir -p "$OUT" 2>/dev/null || refuse "cannot create output folder $OUT"
+fresh_folder "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || refuse "cannot enter $REPO"
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}

@@ -16,3 +16,10 @@ visible_gpus() {
     [[ "$gpus" =~ ^[0-9]+$ ]] || refuse "cannot import torch with '$PYTHON'; activate the environment cardinal is installed in"
     echo "$gpus"
 }
+
+# Create the output folder, refusing one that already holds files: a run folder there would be refused
+# run by run (cardinal never starts over a run), and older results would mix with new ones.
+fresh_folder() {
+    [ -z "$(ls -A "$1" 2>/dev/null)" ] || refuse "$1 is not empty: pass a new output folder"
+    mkdir -p "$1" 2>/dev/null || refuse "cannot create output folder $1"
+}

@@ -282,6 +282,21 @@ def test_gpu_speed_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
     assert done.returncode == 2 and "unknown step 'bench'" in done.stderr
 
 
+GPU_RECIPE = REPO / "benchmarks" / "gpu_recipe.sh"
+
+
+@pytest.mark.parametrize("script", [GPU_RECIPE, GPU_SPEED, GPU_CHECK])
+def test_gpu_scripts_refuse_a_folder_that_already_holds_results(tmp_path, script):
+    assert os.access(script, os.X_OK)
+    assert run_command(["bash", "-n", script]).returncode == 0
+    (tmp_path / "earlier.log").write_text("")
+    env = gpu_check_env(DRY_RUN="1", CARDINAL_GPU_CHECK_ALLOW_CPU="1")
+    done = run_command(["bash", script, tmp_path], env=env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == f"{script.stem}: {tmp_path} is not empty: pass a new output folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["earlier.log"]
+
+
 def test_gpu_speed_script_is_shellcheck_clean():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
