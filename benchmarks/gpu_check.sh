@@ -263,12 +263,7 @@ check_profile() {
 
 # --- run them, then the table ---------------------------------------------------------------------------
 {
-    echo "date: $(date '+%Y-%m-%d %H:%M:%S')"
-    echo "cardinal: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    "$PYTHON" -c 'import torch, accelerate
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate {accelerate.__version__}")
-for i in range(torch.cuda.device_count()):
-    print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")' 2>/dev/null
+    describe_environment
     [ "$GPUS" -eq 0 ] && echo "no CUDA device: CARDINAL_GPU_CHECK_ALLOW_CPU=1, running on the CPU"
     echo "arch $ARCH, batch $BATCH, $STEPS steps per epoch; output in $OUT"
 } | tee "$OUT/environment.txt"

@@ -217,7 +217,7 @@ for part in study tune sample; do
     [ -d "$OUT/$part" ] || continue
     echo
     echo "=== $part ==="
-    epochs=(--epochs $REPORT_EPOCHS)
+    read -r -a epochs <<< "--epochs $REPORT_EPOCHS"
     [ "$part" = study ] || epochs=()
     "$PYTHON" -m cardinal.summary "$OUT/$part" "${epochs[@]}" --format markdown --output "$OUT/$part-summary.md"
 done

@@ -116,7 +116,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 NAMES=() RESULTS=() SECONDS_TAKEN=() NOTES=()
 STARTED=$SECONDS
 FAILED=0
-LAST_RC=0 STEP_SECONDS=0
+LAST_RC=0
 
 record() {  # name result seconds note
     NAMES+=("$1") RESULTS+=("$2") SECONDS_TAKEN+=("$3") NOTES+=("$4")
@@ -127,7 +127,7 @@ record() {  # name result seconds note
 left_s() { echo $((TOTAL_S - (SECONDS - STARTED))); }
 
 run_step() {  # name limit_s command...: under min(limit, what is left), output in <name>.log
-    local name=$1 limit=$2 left start
+    local name=$1 limit=$2 left
     shift 2
     left=$(left_s)
     if [ "$left" -lt 20 ]; then
@@ -136,10 +136,8 @@ run_step() {  # name limit_s command...: under min(limit, what is left), output 
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     printf '$ %s\n' "$*" >>"$OUT/$name.log"
-    start=$SECONDS
     timeout -k 15 "$limit" "$@" >>"$OUT/$name.log" 2>&1
     LAST_RC=$?
-    STEP_SECONDS=$((SECONDS - start))
     return "$LAST_RC"
 }
 
@@ -232,12 +230,7 @@ step_epoch_wall() {
 
 # --- run them, then the summary ------------------------------------------------------------------------
 {
-    echo "date: $(date '+%Y-%m-%d %H:%M:%S')"
-    echo "cardinal: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-    "$PYTHON" -c 'import torch, accelerate
-print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate {accelerate.__version__}")
-for i in range(torch.cuda.device_count()):
-    print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")' 2>/dev/null
+    describe_environment
     [ "$DRY_RUN" = 1 ] && echo "DRY_RUN=1: tiny, synthetic, on the CPU, compile backend $CARDINAL_COMPILE_BACKEND"
     echo "steps: $STEPS; budget $TOTAL_S s; output in $OUT"
 } | tee "$OUT/environment.txt"

@@ -23,3 +23,13 @@ fresh_folder() {
     [ -z "$(ls -A "$1" 2>/dev/null)" ] || refuse "$1 is not empty: pass a new output folder"
     mkdir -p "$1" 2>/dev/null || refuse "cannot create output folder $1"
 }
+
+# What ran where: the date, cardinal's commit, torch and accelerate, each visible GPU (the head of a report).
+describe_environment() {
+    echo "date: $(date '+%Y-%m-%d %H:%M:%S')"
+    echo "cardinal: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    "$PYTHON" -c 'import torch, accelerate
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate {accelerate.__version__}")
+for i in range(torch.cuda.device_count()):
+    print(f"cuda:{i}: {torch.cuda.get_device_name(i)}")' 2>/dev/null
+}

@@ -227,14 +227,6 @@ def test_gpu_check_script_parses_and_is_executable():
     assert done.returncode == 0, done.stderr
 
 
-def test_gpu_check_script_is_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed")
-    done = run_command([shellcheck, GPU_CHECK])
-    assert done.returncode == 0, done.stdout
-
-
 def test_gpu_check_refuses_in_one_line_without_cuda(tmp_path):
     output = tmp_path / "check"
     done = run_command(["bash", GPU_CHECK, output], env=gpu_check_env())
@@ -285,6 +277,15 @@ def test_gpu_speed_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
 GPU_RECIPE = REPO / "benchmarks" / "gpu_recipe.sh"
 
 
+@pytest.mark.parametrize("script", [GPU_CHECK, GPU_SPEED, GPU_RECIPE, REPO / "benchmarks" / "preflight.sh"])
+def test_gpu_scripts_are_shellcheck_clean(script):
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed")
+    done = run_command([shellcheck, "--shell=bash", "--external-sources", "--severity=warning", script])
+    assert done.returncode == 0, done.stdout
+
+
 @pytest.mark.parametrize("script", [GPU_RECIPE, GPU_SPEED, GPU_CHECK])
 def test_gpu_scripts_refuse_a_folder_that_already_holds_results(tmp_path, script):
     assert os.access(script, os.X_OK)
@@ -295,14 +296,6 @@ def test_gpu_scripts_refuse_a_folder_that_already_holds_results(tmp_path, script
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == f"{script.stem}: {tmp_path} is not empty: pass a new output folder"
     assert [p.name for p in tmp_path.iterdir()] == ["earlier.log"]
-
-
-def test_gpu_speed_script_is_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed")
-    done = run_command([shellcheck, GPU_SPEED])
-    assert done.returncode == 0, done.stdout
 
 
 def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
