@@ -108,7 +108,7 @@ def test_mixed_runs_make_three_groups_with_intervals_and_a_verdict(mixed, capsys
     verdicts = [line for line in out.splitlines() if line.startswith("- At epoch 3, tiny_resnext (seed, fp32)")]
     assert len(verdicts) == 1 and "95% interval" in verdicts[0] and "significant at 95%" in verdicts[0]
     assert "tiny_resnet-seed0-first-try" in out and "counts once" in out
-    assert "Not compared" in out and "precision fp32 vs bf16" in out
+    assert "Compared only arch by arch, as setup gaps" in out and "precision fp32 vs bf16" in out
 
 
 def test_summarize_returns_groups_runs_and_tables(mixed):

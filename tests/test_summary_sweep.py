@@ -4,10 +4,11 @@ equal length, short labels, 80 columns and one screen; intervals too wide to mea
 import re
 import sys
 
+import numpy as np
 import pytest
 from test_summary import _summary, write_run
 
-from cardinal import summary
+from cardinal import stats, summary
 from cardinal.summary.render import render_table
 
 FAST = {"recipe": "fast", "precision": "bf16", "channels_last": True, "device": "NVIDIA H200"}
@@ -130,3 +131,18 @@ def test_plot_without_matplotlib_fails_before_printing_anything(tmp_path, capsys
 def test_help_documents_all(capsys):
     code, out, _ = _summary(["--help"], capsys)
     assert code == 0 and "--all" in " ".join(out.split()) and "per-epoch results" in " ".join(out.split())
+
+
+def test_one_recipe_run_two_ways_gets_a_gap_with_a_verdict(tmp_path):
+    """Compiled against eager (all else equal): does compiling change the result? A verdict, not a refusal."""
+    for seed, (eager, compiled) in enumerate([(60.0, 60.4), (62.0, 61.5), (61.0, 61.3)]):
+        write_run(tmp_path / f"eager{seed}", "tiny_resnet", seed, _curve(eager, 3), recipe="fast")
+        write_run(tmp_path / f"compiled{seed}", "tiny_resnet", seed, _curve(compiled, 3), recipe="fast",
+                  compiled="reduce-overhead")
+    write_run(tmp_path / "seed-recipe", "tiny_resnet", 0, _curve(50.0, 3), compiled="reduce-overhead")
+    gaps = summary.summarize([tmp_path]).final_gaps
+    (setup,) = gaps[gaps["kind"] == "setup"].itertuples()
+    assert setup.gap == pytest.approx(np.mean([0.4, -0.5, 0.3]) * (1 if "compiled" in setup.model else -1))
+    assert setup.method == "paired" and setup.verdict == stats.NOT_DISTINGUISHABLE
+    (recipe,) = gaps[gaps["kind"] == "recipe"].itertuples()  # fast eager vs seed compiled: two differences
+    assert "compiled" in recipe.model and "compiled" in recipe.baseline

@@ -148,6 +148,19 @@ def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
     return pairs
 
 
+HOW_RUN = ("compiled", *RUN_AS)  # how one recipe was run: whether that changes its result is a question too
+
+
+def setup_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+    """(model, baseline): groups of one arch, one resolved recipe and one length that differ only in how they
+    were run (compilation, precision, memory format), the group that appears first as the baseline."""
+    by_rest: dict[tuple[str, int, Conditions], list[Group]] = {}
+    for group in groups:
+        rest = tuple((k, v) for k, v in group.conditions if k not in HOW_RUN)
+        by_rest.setdefault((group.arch, group.length, rest), []).append(group)
+    return [(second, first) for members in by_rest.values() for first, second in itertools.combinations(members, 2)]
+
+
 # ----------------------------------------------------------------------------------------------- gaps
 def gap_row(model: Group, baseline: Group, epoch: int, metric: str = "test_acc") -> dict[str, Any]:
     """model - baseline at ``epoch`` in points: paired by seed when both ran the same seeds, Welch otherwise."""
@@ -190,11 +203,12 @@ def speed_ratios(groups: list[Group]) -> pd.DataFrame:
 
 
 def final_gaps(groups: list[Group]) -> pd.DataFrame:
-    """Arch against arch within one recipe, then recipe against recipe within one arch, each at the end of
-    two finished groups of the same length, with the speed ratio beside the accuracy gap."""
+    """Arch against arch within one recipe, recipe against recipe within one arch, then one recipe run two
+    ways, each at the end of two finished groups of the same length, with the speed ratio beside the gap."""
     index = {id(g): i for i, g in enumerate(groups)}
     rows = []
-    for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups))):
+    for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)),
+                        ("setup", setup_pairs(groups))):
         for model, baseline in pairs:
             if not (model.finished() and baseline.finished() and model.length == baseline.length):
                 continue

@@ -124,7 +124,8 @@ def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     if not summary.final_gaps.empty:
         words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
     elif len(summary.groups) > 1:
-        words.append("No gaps: no two finished settings of equal length differ only in arch or in recipe.")
+        words.append("No gaps: no two finished settings of equal length differ only in arch, in recipe or in "
+                     "how they ran.")
     star = " (*: epoch 1 only)" if summary.models["speed_from_epoch_1"].any() else ""
     words.append(f"img/s: median of epochs 2+{star}, mean over seeds.")
     if hint:

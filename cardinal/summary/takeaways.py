@@ -10,7 +10,7 @@ import pandas as pd
 
 from cardinal import stats
 from cardinal.records import CONFIG_NAME, CSV_NAME
-from cardinal.summary.compare import recipe_pairs
+from cardinal.summary.compare import recipe_pairs, setup_pairs
 from cardinal.summary.group import Group, comparable_sets, differences
 from cardinal.summary.load import KNOB
 
@@ -76,12 +76,13 @@ def gap_line(r: Any) -> str:
 def not_compared_lines(groups: list[Group]) -> list[str]:
     """One line per pair of condition sets: who is not compared with whom, and what differs."""
     lines = []
-    pairs = recipe_pairs(groups)
+    paired = {"recipe": recipe_pairs(groups), "setup": setup_pairs(groups)}
     for first, second in itertools.combinations(comparable_sets(groups), 2):
         what = "; ".join(differences(second[0], first[0]))
-        recipes_only = any({id(model), id(baseline)} <= {id(g) for g in first + second}
-                           for model, baseline in pairs)
-        lead = "Compared only arch by arch, as recipe gaps" if recipes_only else "Not compared"
+        members = {id(g) for g in first + second}
+        kind = next((kind for kind, pairs in paired.items()
+                     if any({id(model), id(baseline)} <= members for model, baseline in pairs)), None)
+        lead = f"Compared only arch by arch, as {kind} gaps" if kind else "Not compared"
         lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
                      f"({what}).")
     return lines
