@@ -66,9 +66,14 @@ def make_console(**kwargs) -> "Console":
     return console
 
 
+def is_main_rank() -> bool:
+    """Whether this is the main process of a launch (or the only process), before Accelerate is set up."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def fail(message: str) -> NoReturn:
     """Print once (on the main process of a multi-process launch) and exit with code 2."""
-    if os.environ.get("RANK", "0") == "0":
+    if is_main_rank():
         print(f"error: {message}", file=sys.stderr)
     raise SystemExit(USAGE_ERROR)
 

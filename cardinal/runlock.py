@@ -13,15 +13,11 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
-from cardinal.cli import CardinalError
+from cardinal.cli import CardinalError, is_main_rank
 
 LOCK_NAME = ".lock"
 # What makes a folder hold a run: a fresh start there would overwrite it.
 RUN_FILES = ("config.json", "epochs.csv", "checkpoint", ".checkpoint.new", ".checkpoint.old")
-
-
-def is_main_rank() -> bool:
-    return os.environ.get("RANK", "0") == "0"
 
 
 def check_not_symlink(run_dir: Path) -> None:

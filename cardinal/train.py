@@ -31,6 +31,7 @@ from cardinal.cli import (
     ArgumentParser,
     CardinalError,
     finite_float,
+    is_main_rank,
     non_negative_int,
     positive_float,
     positive_int,
@@ -67,7 +68,7 @@ from cardinal.fileio import write_text_atomic
 from cardinal.models import build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
-from cardinal.runlock import check_fresh, check_not_symlink, is_main_rank, run_lock
+from cardinal.runlock import check_fresh, check_not_symlink, run_lock
 from cardinal.speedups import (
     AUTO,
     COMPILE_MODES,
@@ -323,7 +324,7 @@ def _training_normalization(weights: Path, recipe, explicit: Set[str] = frozense
 
     own = read_normalization(weights)
     if own is None:
-        if os.environ.get("RANK", "0") == "0" and weights.is_file():  # a missing file is an error later
+        if is_main_rank() and weights.is_file():  # a missing file is an error later
             source = "--mean/--std" if explicit & {"mean", "std"} else "the recipe's"
             print(f"{weights} carries no normalisation: evaluating with {source} mean {_shown(tuple(recipe.mean))}, "
                   f"std {_shown(tuple(recipe.std))}", flush=True)
