@@ -8,7 +8,7 @@ Every file is a plain tensor/number container written with ``torch.save`` and re
 Crash safety: a checkpoint is written into a staging folder, completed by ``trainer.json`` (written
 last), and only then swapped in. At every moment at least one complete checkpoint exists among the
 three folders, and :func:`recover` (run before every save and load) promotes the newest complete one
-to ``checkpoint/`` before anything older is deleted.
+to ``checkpoint/`` before anything older is deleted. Saving lives in :mod:`cardinal.checkpoint_writer`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 
 from cardinal.cli import CardinalError
 from cardinal.crash import crash_point
-from cardinal.fileio import write_text_atomic
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.json"
@@ -30,8 +29,13 @@ MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE, AVERAGE_FILE = "model.pt", "optimizer.p
 FORMAT = 2
 
 
-def _rng_file(rank: int) -> str:
+def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.pt"
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """Where a checkpoint is written before it is swapped in."""
+    return _folders(run_dir)["staging"]
 
 
 def _folders(run_dir: Path) -> Dict[str, Path]:
@@ -39,7 +43,7 @@ def _folders(run_dir: Path) -> Dict[str, Path]:
             "previous": run_dir / f".{CHECKPOINT_DIR}.old"}
 
 
-def _saved_epoch(folder: Path) -> Optional[int]:
+def saved_epoch(folder: Path) -> Optional[int]:
     """The epoch a complete checkpoint folder holds; None if incomplete (no trainer.json yet).
 
     trainer.json is written atomically, so one that exists but cannot be read was damaged: an error,
@@ -61,7 +65,7 @@ def _complete(run_dir: Path) -> List[tuple]:
     """(epoch, preference, name) of each complete folder, newest first; ``final`` wins a tie."""
     found = []
     for preference, (name, folder) in enumerate(_folders(run_dir).items()):
-        epoch = _saved_epoch(folder)
+        epoch = saved_epoch(folder)
         if epoch is not None:
             found.append((epoch, -preference, name))
     return sorted(found, reverse=True)
@@ -116,55 +120,12 @@ def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
     return state
 
 
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
+    """This process's random generators, saved beside the checkpoint so a resume draws the same numbers."""
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
-
-
-def _save_files(accelerator, model, optimizer, folder: Path, average) -> None:
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True)
-        torch.save(accelerator.unwrap_model(model).state_dict(), folder / MODEL_FILE)
-        torch.save(optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), folder / SCALER_FILE)
-        if average is not None:
-            torch.save(average.state_dict(), folder / AVERAGE_FILE)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), folder / _rng_file(accelerator.process_index))
-
-
-def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any],
-                    average=None) -> Path:
-    """Every process calls this (each saves its RNG state); the main process swaps the folder in.
-    ``average``, the EMA of the weights, is saved with the model when the run keeps one.
-
-    A failure (full disk, unwritable folder) raises CardinalError and leaves the previous checkpoint.
-    """
-    folders = _folders(run_dir)
-    if accelerator.is_main_process:
-        recover(run_dir)
-    accelerator.wait_for_everyone()
-    try:
-        _save_files(accelerator, model, optimizer, folders["staging"], average)
-        accelerator.wait_for_everyone()
-        crash_point("checkpoint-files-written")
-        if accelerator.is_main_process:
-            state = {**trainer_state, "format": FORMAT, "world_size": accelerator.num_processes}
-            write_text_atomic(folders["staging"] / TRAINER_STATE, json.dumps(state, indent=2))
-            recover(run_dir)
-    except (OSError, RuntimeError) as error:
-        if accelerator.is_main_process:
-            shutil.rmtree(folders["staging"], ignore_errors=True)
-        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
-        kept = checkpoint_dir(run_dir)
-        raise CardinalError(f"cannot save a checkpoint in {run_dir}: {reason}; "
-                            + (f"the checkpoint of epoch {_saved_epoch(kept)} is kept" if kept
-                               else "no earlier checkpoint exists")) from None
-    accelerator.wait_for_everyone()
-    return folders["final"]
 
 
 def _load(path: Path, device) -> Any:
@@ -190,8 +151,8 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) 
     optimizer_state = _load(folder / OPTIMIZER_FILE, "cpu")
     scaler_state = _load(folder / SCALER_FILE, "cpu") if accelerator.scaler is not None else None
     average_state = _load(folder / AVERAGE_FILE, "cpu") if average is not None else None
-    rng_path = folder / _rng_file(accelerator.process_index)
-    rng_state = _load(rng_path, "cpu") if rng_path.exists() else None  # absent when the world grew
+    rng_path = folder / rng_file(accelerator.process_index)
+    saved_rng = _load(rng_path, "cpu") if rng_path.exists() else None  # absent when the world grew
     try:
         accelerator.unwrap_model(model).load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
@@ -199,10 +160,10 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) 
             accelerator.scaler.load_state_dict(scaler_state)
         if average_state is not None:
             average.load_state_dict(average_state)
-        if rng_state is not None:
-            torch.set_rng_state(rng_state["cpu"])
-            if "cuda" in rng_state and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng_state["cuda"])
+        if saved_rng is not None:
+            torch.set_rng_state(saved_rng["cpu"])
+            if "cuda" in saved_rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(saved_rng["cuda"])
     except (RuntimeError, KeyError, ValueError, TypeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise CardinalError(f"cannot resume from {folder}: its state does not fit this run ({reason})") from None

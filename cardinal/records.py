@@ -28,7 +28,7 @@ MAX_CSV_BYTES = 64 << 20  # some 50,000 epochs of rows
 EPOCH_COLUMNS = (
     "epoch", "train_loss", "train_objective", "train_acc", "test_loss", "test_acc", "lr", "epoch_time_s",
     "train_time_s", "eval_time_s", "steps", "skipped_steps", "it_per_s", "img_per_s", "train_tflop_per_s",
-    "peak_mem_mb", "train_images", "test_images",
+    "peak_mem_mb", "warm_up", "train_images", "test_images",
 )
 RUN_COLUMNS = (
     "run_name", "arch", "dataset", "recipe", "params", "gflops", "image_size", "global_batch", "world_size",
@@ -45,13 +45,14 @@ EMA_COLUMNS = ("test_acc_ema", "val_acc_ema")
 ORDER = EPOCH_COLUMNS[:EPOCH_COLUMNS.index("lr")] + VALIDATION_COLUMNS[:2] + FLIP_COLUMNS + EMA_COLUMNS + \
     EPOCH_COLUMNS[EPOCH_COLUMNS.index("lr"):] + VALIDATION_COLUMNS[2:] + RUN_COLUMNS
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "it_per_s", "img_per_s",
-                  "train_tflop_per_s", "peak_mem_mb")
+                  "train_tflop_per_s", "peak_mem_mb", "warm_up")
 
 
 def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_image: float,
-              peak_mem_mb: float, val=None, test_ema=None, val_ema=None) -> Dict[str, Any]:
+              peak_mem_mb: float, val=None, test_ema=None, val_ema=None, warm_up: bool = False) -> Dict[str, Any]:
     """Metrics of one finished epoch from engine.TrainStats / EvalStats (``val``: the validation split's;
-    ``test_ema``, ``val_ema``: the weight average's on each split)."""
+    ``test_ema``, ``val_ema``: the weight average's on each split; ``warm_up``: the first epoch this process
+    trained, whose speed holds warm-up and any compilation)."""
     seconds = max(train.time_s, 1e-9)
     row = {
         "epoch": epoch,
@@ -70,6 +71,7 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
         "img_per_s": train.images / seconds,
         "train_tflop_per_s": train.images * train_flops_per_image / seconds / 1e12,
         "peak_mem_mb": peak_mem_mb,
+        "warm_up": warm_up,
         "train_images": train.images,
         "test_images": test.images,
     }
@@ -107,10 +109,30 @@ def read_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
+def warm_up_rows(frame: pd.DataFrame) -> pd.Series:
+    """Which epochs hold warm-up and compilation: the first each process trained (the ``warm_up`` column;
+    epoch 1 where a row predates it)."""
+    first = frame["epoch"] < 2
+    if "warm_up" not in frame:
+        return first
+    said = frame["warm_up"].astype(str).str.lower().map({"true": True, "false": False})
+    return said.fillna(first).astype(bool)
+
+
+def steady_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The epochs whose speed is steady state: all but the warm-up ones, or every epoch if none is left."""
+    steady = frame[~warm_up_rows(frame)]
+    return steady if not steady.empty else frame
+
+
+def speed_includes_warm_up(frame: pd.DataFrame) -> bool:
+    """Whether steady_state had to use warm-up epochs (a run of one epoch, or of only first epochs)."""
+    return bool(warm_up_rows(frame).all())
+
+
 def steady_state(frame: pd.DataFrame, column: str) -> float:
-    """Median of a speed column over epochs 2..N (epoch 1 holds warm-up and compilation), or epoch 1 alone."""
-    later = frame[frame["epoch"] >= 2]
-    return float((later if not later.empty else frame)[column].median())
+    """Median of a speed column over the steady-state epochs (``steady_rows``)."""
+    return float(steady_rows(frame)[column].median())
 
 
 class RunRecords:
@@ -228,7 +250,7 @@ class ConsoleReport:
                       show_header=False)
         table.add_column("")
         table.add_column("", justify="right", overflow="fold")  # a long path folds, never ends in "…"
-        speed_epochs = "epochs 2+" if (frame["epoch"] >= 2).any() else "epoch 1"  # what steady_state used
+        speed_epochs = "warm-up included" if speed_includes_warm_up(frame) else "after warm-up"
         extra = []
         if "val_acc" in frame and frame["val_acc"].notna().any():
             best_val = frame.loc[frame["val_acc"].idxmax()]

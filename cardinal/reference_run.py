@@ -161,7 +161,7 @@ def epoch_row(epoch: int, trained: EpochResult, tested: EpochResult, epoch_time_
         "train_time_s": trained.time_s, "eval_time_s": tested.time_s, "steps": trained.steps, "skipped_steps": 0,
         "it_per_s": trained.steps / seconds, "img_per_s": trained.images / seconds,
         "train_tflop_per_s": trained.images * train_flops / seconds / 1e12, "peak_mem_mb": peak_mb,
-        "train_images": trained.images, "test_images": tested.images,
+        "warm_up": epoch == 1, "train_images": trained.images, "test_images": tested.images,
     }
 
 

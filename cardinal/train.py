@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 import torch
 
 from cardinal import budget
-from cardinal.checkpoint import load_checkpoint, read_trainer_state, save_checkpoint, trainer_state_path
+from cardinal.checkpoint import load_checkpoint, read_trainer_state, trainer_state_path
+from cardinal.checkpoint_writer import CheckpointWriter
 from cardinal.cli import (
     ArgumentParser,
     CardinalError,
@@ -446,6 +447,7 @@ class Session:
     cost: ModelCost
     schedule: Schedule
     trackers: Tuple[str, ...]
+    checkpoints: CheckpointWriter  # writes each epoch's checkpoint while the next one trains
     average: Optional[torch.nn.Module] = None  # the EMA of the weights (--ema-decay), or None
     step_model: Optional[torch.nn.Module] = None  # the compiled wrapper of model that training steps call
 
@@ -518,7 +520,8 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     report = ConsoleReport(enabled=accelerator.is_main_process, progress=config.progress)
     on_device = lambda split: (split[0].to(device), split[1].to(device)) if split is not None else None  # noqa: E731
     return Session(config, run_dir, accelerator, report, model, optimizer, loader, normalize, on_device(test),
-                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers, average, step_model)
+                   on_device(val), cost, build_schedule(recipe, len(loader)), trackers,
+                   CheckpointWriter(accelerator, run_dir), average, step_model)
 
 
 def restore(session: Session, resuming: bool) -> Progress:
@@ -573,6 +576,7 @@ def run_info(session: Session) -> Dict[str, Any]:
 
 
 def diverged(epoch: int, what: str, session: Session, progress: Progress) -> CardinalError:
+    session.checkpoints.close()  # the checkpoint in flight, if any, is the one kept
     kept = (f"the checkpoint of epoch {progress.epoch}" if read_trainer_state(session.run_dir)
             else "no checkpoint (none saved yet)")
     return CardinalError(f"{what} became NaN/inf at epoch {epoch}; stopped, keeping {session.run_dir / CSV_NAME} "
@@ -580,8 +584,9 @@ def diverged(epoch: int, what: str, session: Session, progress: Progress) -> Car
 
 
 def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Optional[int],
-              on_step=None) -> Dict[str, Any]:
-    """Train one epoch and evaluate; returns the epoch's row. Non-finite loss or evaluation is an error."""
+              on_step=None, warm_up: bool = False) -> Dict[str, Any]:
+    """Train one epoch and evaluate; returns the epoch's row (``warm_up``: this process's first epoch, whose
+    speed holds warm-up and compilation). Non-finite loss or evaluation is an error."""
     config, device = session.config, session.accelerator.device
     session.loader.set_epoch(epoch)
     reset_peak_memory(device)
@@ -608,7 +613,7 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
     progress.epoch, progress.global_step = epoch, progress.global_step + trained.steps
     progress.schedule_step = lr_schedule.step
     return epoch_row(epoch, trained, tested, time.perf_counter() - started, session.cost.train_flops,
-                     peak_memory_mb(device), validated, test_average, val_average)
+                     peak_memory_mb(device), validated, test_average, val_average, warm_up=warm_up)
 
 
 def _first_steps_clock(session: Session, progress: Progress, rule: StopRule):
@@ -642,17 +647,20 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
     while not rule.done(progress.epoch, progress.global_step):
         epoch = progress.epoch + 1
         row = run_epoch(session, epoch, progress, rule.steps_left(progress.global_step),
-                        _step_callback(session, clock))
+                        _step_callback(session, clock), warm_up=epoch == rule.first_epoch)
+        session.checkpoints.wait()  # the CSV never runs more than one epoch ahead of the newest checkpoint
         if session.main_process:  # the row first: a kill before the checkpoint only retrains this epoch
             records.add(row)
         if epoch % config.save_every == 0 or rule.done(progress.epoch, progress.global_step):
-            save_checkpoint(session.accelerator, session.model, session.optimizer, session.run_dir, {
+            session.checkpoints.save(session.model, session.optimizer, {
                 "epoch": progress.epoch, "global_step": progress.global_step,
                 "schedule_step": progress.schedule_step, "schedule_total_steps": session.schedule.total_steps,
                 "arch": config.arch, "dataset": config.dataset}, session.average)
         session.report.end_epoch(row)
         if session.trackers:
             session.accelerator.log(metrics_of(row), step=epoch)
+    session.checkpoints.wait()
+    session.accelerator.wait_for_everyone()  # every process returns with the last checkpoint on disk
 
 
 def evaluate_only(session: Session) -> None:
@@ -756,6 +764,7 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
             finish(session, records)
             clean = True
         finally:
+            session.checkpoints.close()  # a checkpoint in flight is finished, even after an error
             _close(session.accelerator, clean)
     return 0
 

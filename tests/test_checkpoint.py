@@ -14,6 +14,7 @@ import torch
 
 import cardinal.checkpoint as checkpoint
 import cardinal.train as train_module
+from cardinal.checkpoint_writer import save_checkpoint
 from cardinal.cli import run
 from cardinal.records import TIMING_COLUMNS
 
@@ -124,7 +125,7 @@ def test_a_second_crash_never_deletes_the_only_complete_checkpoint(straight, tmp
 
     monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
     with pytest.raises(checkpoint.CardinalError, match="checkpoint of epoch 1 is kept"):
-        checkpoint.save_checkpoint(_FakeAccelerator(), model, optimizer, run_dir, {"epoch": 2})
+        save_checkpoint(_FakeAccelerator(), model, optimizer, run_dir, {"epoch": 2})
     assert json.loads((checkpoint.checkpoint_dir(run_dir) / "trainer.json").read_text())["epoch"] == 1
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     _resume_and_compare(run_dir, straight, capsys)

@@ -217,6 +217,8 @@ def test_a_compiled_run_resumes_to_the_csv_of_an_uninterrupted_eager_one_and_exp
     _train_in_process(["--resume", str(tmp_path / "compiled")])
     resumed = pd.read_csv(tmp_path / "compiled" / "epochs.csv")
     assert (resumed["compiled"] == "default").all()  # the mode that ran, on every row
+    assert list(resumed["warm_up"]) == [True, True]  # each invocation compiled anew: neither epoch is steady
+    assert list(straight["warm_up"]) == [True, False]
     compared = [c for c in straight.columns if c not in TIMING_COLUMNS + ("run_name", "command", "compiled")]
     pd.testing.assert_frame_equal(resumed[compared], straight[compared], check_exact=False, rtol=1e-5)
     state = torch.load(tmp_path / "compiled" / "model_state.pt", weights_only=True)

@@ -195,3 +195,20 @@ def test_text_from_files_is_printed_literally(tmp_path, capsys, monkeypatch, for
 def test_seeds_and_epochs_of_valid_runs_are_whole_numbers(two_archs):
     for run_ in summary.summarize([two_archs]).runs:
         assert isinstance(run_.seed, int) and run_.frame["epoch"].dtype == np.int64
+
+
+def test_steady_speed_skips_the_first_epoch_of_every_process_that_trained_the_run():
+    from cardinal.records import speed_includes_warm_up, steady_state
+
+    resumed = pd.DataFrame({"epoch": [1, 2, 3, 4], "img_per_s": [10.0, 100.0, 20.0, 110.0],
+                            "warm_up": [True, False, True, False]})  # resumed after epoch 2: recompiled
+    assert steady_state(resumed, "img_per_s") == 105.0 and not speed_includes_warm_up(resumed)
+    older = resumed.drop(columns="warm_up")  # records written before the column: epoch 1 is the warm-up
+    assert steady_state(older, "img_per_s") == 100.0
+    single = pd.DataFrame({"epoch": [1], "img_per_s": [10.0], "warm_up": [True]})
+    assert steady_state(single, "img_per_s") == 10.0 and speed_includes_warm_up(single)
+    read_back = resumed.astype({"warm_up": str})  # as a CSV column of "True"/"False" may come back
+    assert steady_state(read_back, "img_per_s") == 105.0
+    mixed = resumed.astype({"warm_up": object})
+    mixed.loc[[0, 1], "warm_up"] = None  # rows from before the column, then a resume that wrote it
+    assert steady_state(mixed, "img_per_s") == 105.0

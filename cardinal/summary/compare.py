@@ -86,7 +86,7 @@ def models_table(groups: list[Group]) -> pd.DataFrame:
         for column in SPEEDS:
             _aggregate(row, f"median_{column}", group.medians(column))
         row.update({
-            "speed_from_epoch_1": sum(r.last_epoch == 1 for r in group.runs),
+            "speed_with_warm_up": sum(r.speed_includes_warm_up for r in group.runs),
             "best_epoch": int(per_epoch.idxmax()), "best_test_acc": float(per_epoch.max()),
             "epochs": group.last_epoch(), "runs": len(group.runs),
             "seeds": " ".join(str(s) for s in group.seeds),

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cardinal.cli import MAX_SEED, CardinalError
-from cardinal.records import CONFIG_NAME, CSV_NAME, RUN_COLUMNS, steady_state
+from cardinal.records import CONFIG_NAME, CSV_NAME, RUN_COLUMNS, speed_includes_warm_up, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
 ACCURACIES = ("test_acc", "val_acc", "test_acc_ema", "test_acc_tta")  # every one optional but test_acc
@@ -91,8 +91,13 @@ class Run:
         return self.planned_epochs is None or self.last_epoch >= self.planned_epochs
 
     def median_speed(self, column: str) -> float:
-        """Steady-state speed: the median over epochs 2..N (records.steady_state decides the rule)."""
+        """Steady-state speed: the median over the epochs after warm-up (records.steady_state decides the rule)."""
         return steady_state(self.frame, column) if column in self.frame else math.nan
+
+    @property
+    def speed_includes_warm_up(self) -> bool:
+        """Whether its speed had to come from warm-up epochs (a one-epoch run)."""
+        return speed_includes_warm_up(self.frame)
 
 
 @dataclass(frozen=True)

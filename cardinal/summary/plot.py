@@ -66,7 +66,7 @@ def _draw_speed(axis, models: pd.DataFrame, colors) -> None:
     means, stds = models["median_img_per_s"], models["median_img_per_s_std"].fillna(0)
     bars = axis.barh(positions, means, xerr=stds, color=[colors(i % 10) for i in range(len(models))], capsize=4)
     labels = [f"{m:,.1f}" + (f" ± {s:,.1f}" if s else "") + (" (epoch 1)" if one else "")
-              for m, s, one in zip(means, stds, models["speed_from_epoch_1"])]
+              for m, s, one in zip(means, stds, models["speed_with_warm_up"])]
     axis.bar_label(bars, labels=labels, padding=6)
     axis.set_yticks(positions, [literal(textwrap.fill(m, 28)) for m in models["model"]])
     axis.set_xlim(0, float((means + stds).max()) * 1.45)

@@ -78,7 +78,7 @@ def final_view(summary: Summary, names: Legend) -> View:
     finals = summary.finals.sort_values("test_acc", ascending=False, kind="stable")
     several = finals["runs"].nunique() > 1
     headers = ["Setting", "Epochs"] + (["Seeds"] if several else []) + ["Acc %", "± 95%", "img/s"]
-    single = {m.model for m in summary.models.itertuples() if m.speed_from_epoch_1}
+    single = {m.model for m in summary.models.itertuples() if m.speed_with_warm_up}
     rows = []
     for _, row in finals.iterrows():
         epochs = str(row["epoch"]) if row["finished"] else f"{row['epoch']} of {row['length']}"
@@ -126,8 +126,8 @@ def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     elif len(summary.groups) > 1:
         words.append("No gaps: no two finished settings of equal length differ only in arch, in recipe or in "
                      "how they ran.")
-    star = " (*: epoch 1 only)" if summary.models["speed_from_epoch_1"].any() else ""
-    words.append(f"img/s: median of epochs 2+{star}, mean over seeds.")
+    star = " (*: warm-up included)" if summary.models["speed_with_warm_up"].any() else ""
+    words.append(f"img/s: median of epochs after warm-up{star}, mean over seeds.")
     if hint:
         words.append("--all: every table.")
     return [" ".join(words)]
@@ -164,7 +164,7 @@ def model_view(models: pd.DataFrame) -> View:
 def speed_view(models: pd.DataFrame) -> View:
     headers = ["Model", f"{SPEED_NAME.capitalize()} (mean ± std)", "± 95% CI", "Median it/s", "TFLOP/s achieved",
                "Seeds"]
-    rows = [[m["model"], _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_from_epoch_1"] else ""),
+    rows = [[m["model"], _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_with_warm_up"] else ""),
              _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
              _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
             for _, m in models.iterrows()]

@@ -14,7 +14,7 @@ from cardinal.summary.compare import recipe_pairs, setup_pairs
 from cardinal.summary.group import Group, comparable_sets, differences
 from cardinal.summary.load import KNOB
 
-SPEED_NAME = "median img/s, epochs 2+"
+SPEED_NAME = "median img/s after warm-up"
 TOO_WIDE = "too wide"
 
 
@@ -128,12 +128,13 @@ def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
     if unresolved:
         lines.append(f"The recipe could not be resolved for {len(unresolved)} run(s) without {CONFIG_NAME} "
                      f"({', '.join(unresolved)}): they are grouped by recipe name only.")
-    lines.append(f"Speed ({SPEED_NAME}) is the median over epochs 2..N of each run (the first epoch holds "
-                 "warm-up and compilation), then mean ± std over seeds; the per-epoch values stay in each "
-                 f"{CSV_NAME}.")
-    single = [m.model for m in models.itertuples() if m.speed_from_epoch_1]
+    lines.append(f"Speed ({SPEED_NAME}) is the median over each run's epochs but the first of each process that "
+                 "trained it (epoch 1, and the first after a resume: warm-up and compilation; the warm_up column), "
+                 f"then mean ± std over seeds; the per-epoch values stay in each {CSV_NAME}.")
+    single = [m.model for m in models.itertuples() if m.speed_with_warm_up]
     if single:
-        lines.append(f"Runs with a single epoch take their speed from epoch 1, warm-up included: {', '.join(single)}.")
+        lines.append(f"Runs with only warm-up epochs (a single epoch) take their speed from them, warm-up included: "
+                     f"{', '.join(single)}.")
     recipes = {tuple((k, v) for k, v in g.conditions if k == "recipe" or k.startswith(KNOB)) for g in groups}
     if len(recipes) > 1:
         lines.append("Train loss depends on the recipe (augmentation, label smoothing): read it within one "
