@@ -169,10 +169,10 @@ def result_columns(rates: dict[str, list[float]], flops_per_image: float, noise_
 
 
 def make_peers(cardinal: torch.nn.Module, torchvision: torch.nn.Module, compiled: bool | str,
-               device: torch.device) -> dict[str, Peer]:
-    """cardinal's step as cardinal.train takes it on ``device``, torchvision's eager loop, and torchvision
-    compiled in the same mode when cardinal's step is compiled."""
-    fused = fused_optimizer(device.type)
+               device: torch.device, precision: str = "no") -> dict[str, Peer]:
+    """cardinal's step as cardinal.train takes it on ``device`` in ``precision``, torchvision's eager loop,
+    and torchvision compiled in the same mode when cardinal's step is compiled."""
+    fused = fused_optimizer(device.type, precision)
     if not compiled:
         return {"cardinal": Peer(cardinal, fused), "torchvision": Peer(torchvision)}
     kwargs = compile_kwargs(str(compiled))
@@ -197,7 +197,7 @@ def run_benchmark(archs: Sequence[str], batch_sizes: Sequence[int], precisions: 
         for batch, precision, layout, mode in itertools.product(batch_sizes, precisions, memory_formats, modes):
             if compiled:
                 torch._dynamo.reset()  # each configuration compiles afresh: static shapes, no recompile limit
-            peers = make_peers(models["cardinal"], models["torchvision"], compiled, device)
+            peers = make_peers(models["cardinal"], models["torchvision"], compiled, device, precision)
             rates = measure_alternating(peers, repeats, warmup, mode=mode, batch=batch, precision=precision,
                                         memory_format=FORMATS[layout], device=device, steps=steps)
             row = {"arch": arch, "params": params, "gflops": flops / 1e9, "mode": mode, "batch": batch,

@@ -73,9 +73,13 @@ def compile_kwargs(mode: str) -> dict:
     return kwargs
 
 
-def fused_optimizer(device_type: str) -> Optional[bool]:
-    """SGD's fused kernel (one launch for every parameter's update) on CUDA; torch's own default elsewhere."""
-    return True if device_type == "cuda" else None
+def fused_optimizer(device_type: str, precision: Optional[str] = None) -> Optional[bool]:
+    """SGD's fused kernel (one launch for every parameter's update) on CUDA; torch's own default elsewhere.
+
+    Not under fp16: GradScaler hands a fused optimizer its inf check to skip inside the kernel, so the step
+    always looks taken, and the skipped_steps column and the LR schedule (which counts applied steps) would
+    count skipped steps as applied."""
+    return True if device_type == "cuda" and precision != "fp16" else None
 
 
 def tune_kernels(device_type: str) -> None:

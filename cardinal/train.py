@@ -502,7 +502,7 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
         model = model.to(memory_format=torch.channels_last)
     device = accelerator.device
     tune_kernels(device.type)
-    optimizer = build_optimizer(model, recipe, fused=fused_optimizer(device.type))
+    optimizer = build_optimizer(model, recipe, fused=fused_optimizer(device.type, accelerator.mixed_precision))
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
     average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None

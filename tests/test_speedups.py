@@ -82,6 +82,7 @@ def test_backend_override_drops_the_inductor_mode(monkeypatch):
 
 def test_fused_sgd_on_cuda_only():
     assert fused_optimizer("cuda") is True and fused_optimizer("cpu") is None
+    assert fused_optimizer("cuda", "bf16") is True and fused_optimizer("cuda", "fp16") is None  # skips counted
     optimizer = build_optimizer(nn.Linear(2, 2), Recipe(), fused=fused_optimizer("cpu"))
     assert not optimizer.defaults["fused"]
 
