@@ -239,8 +239,11 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> Set[str]:
-    """Names of the options given on the command line (as opposed to defaults)."""
-    return set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    """Names of the config fields given on the command line (as opposed to defaults)."""
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    if "compile_mode" in given:  # --compile-mode alone also sets the config's compile field
+        given.add("compile")
+    return given
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

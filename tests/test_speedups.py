@@ -233,3 +233,41 @@ def test_a_compiled_run_resumes_to_the_csv_of_an_uninterrupted_eager_one_and_exp
     with torch.no_grad():
         torch.testing.assert_close(program(x), model(normalised), atol=1e-5, rtol=0)
     assert (tmp_path / "compiled" / "model_ema_state.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--compile-mode", "default"], "default"),  # the mode alone changes what a resume compiles
+    (["--no-compile"], False),
+    ([], "reduce-overhead"),  # nothing given: what ran before
+])
+def test_a_resume_takes_the_compile_flags_given_and_keeps_what_ran_otherwise(tmp_path, argv, expected):
+    from cardinal import train as train_module
+    from cardinal.config import TrainConfig
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(TrainConfig(arch="tiny_resnet", compile="reduce-overhead").to_json())
+    argv = ["--resume", str(run_dir), *argv]
+    fresh = train_module.config_from_args(train_module.build_parser().parse_args(argv))
+    resumed = train_module.resumed_config(run_dir, fresh, train_module.explicit_flags(argv))
+    assert resumed.compile == expected
+
+
+@pytest.mark.slow
+def test_a_compiled_two_process_run_matches_an_eager_one_and_resumes_to_it(tmp_path):
+    """Under DDP the compiled wrapper sits around the DDP module in the default mode (no CUDA graphs); with
+    dynamo's eager backend it must compute what the eager run computes, across a stop and a resume."""
+    from conftest import SYNTHETIC, TINY, cli, output_tail, train
+
+    env = {BACKEND_ENV: "eager", "OMP_NUM_THREADS": "1"}
+    args = [*TINY, *SYNTHETIC, "--epochs", "2", "--recipe", "fast", "--batch-size", "64", "--warmup-epochs", "1",
+            "--no-export"]
+    eager = train([*args, "--no-compile"], tmp_path, processes=2, run_name="eager", env=env)
+    first = train([*args, "--compile", "--stop-after", "1"], tmp_path, processes=2, run_name="compiled", env=env)
+    assert first["compiled"].eq("default").all() and first["world_size"].eq(2).all()
+    done = cli("cardinal.train", ["--resume", str(tmp_path / "compiled"), "--no-progress"], processes=2, env=env)
+    assert done.returncode == 0, output_tail(done)
+    resumed = pd.read_csv(tmp_path / "compiled" / "epochs.csv")
+    compared = [c for c in eager.columns if c not in TIMING_COLUMNS + ("run_name", "command", "compiled")]
+    pd.testing.assert_frame_equal(resumed[compared], eager[compared], check_exact=False, rtol=1e-5)
+    assert list(resumed["warm_up"]) == [True, True] and resumed["compiled"].eq("default").all()
