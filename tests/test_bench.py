@@ -1,4 +1,5 @@
 import itertools
+import json
 import math
 import os
 import shutil
@@ -314,3 +315,17 @@ def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
     assert "the rest (checkpoint, records) 0.25 s: wall / training 1.200" in lines[0]
     assert lines[-1] == "wall / training, epochs 2+: 1.400 at worst (goal <= 1.15)"  # epoch 3: 3.5 s
     assert report.wall_lines(log[:2], rows) == ["no epoch after the first to time"]
+
+
+def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import checkpoint_stall
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert checkpoint_stall.main(["--arch", "tiny_resnet", "--ema", "--repeats", "2", "--folder", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "in the loop" in out and "background" in out and "background / in the loop, loop held (best):" in out
+    for way in ("loop", "background"):  # each way's last save is complete and swapped in
+        state = json.loads((tmp_path / way / "checkpoint" / "trainer.json").read_text())
+        assert state["epoch"] == 2 and (tmp_path / way / "checkpoint" / "ema.pt").is_file()
