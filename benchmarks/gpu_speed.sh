@@ -13,6 +13,9 @@
 #   5. epoch-wall      one compiled cardinal.train run alone, batch 512, WALL_EPOCHS epochs on full-size data:
 #                      the wall time of each epoch after the first (training + evaluation + checkpoint +
 #                      records, from the times its rows are printed) against its training time alone
+#   6. checkpoint-stall benchmarks/checkpoint_stall.py: how long a TRAIN_ARCH checkpoint (with a weight average)
+#                      holds the loop when written in it and when copied to page-locked memory and written
+#                      in the background (what cardinal.train does)
 # then summary.txt: the ratios of each, and the goals they are read against.
 #
 #   benchmarks/gpu_speed.sh [OUTPUT_DIR]        # default: gpu-speed-<date>-<time>/
@@ -47,7 +50,7 @@ set -o pipefail
 PYTHON=${PYTHON:-python}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DRY_RUN=${DRY_RUN:-0}
-ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall"
+ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall checkpoint-stall"
 STEPS=${ONLY:-$ALL_STEPS}
 SEEDS=${SEEDS:-0 1}
 WALL_EPOCHS=${WALL_EPOCHS:-3}
@@ -226,6 +229,13 @@ step_epoch_wall() {
             >"$OUT/epoch-wall.txt" 2>&1 || LAST_RC=1
     fi
     finish_step epoch-wall "$started" "$(tail -n 1 "$OUT/epoch-wall.txt" 2>/dev/null)"
+}
+
+step_checkpoint_stall() {
+    local started=$SECONDS
+    run_step checkpoint-stall 60 "$PYTHON" "$REPO/benchmarks/checkpoint_stall.py" --arch "$TRAIN_ARCH" --ema \
+        --repeats 3 --folder "$OUT/checkpoint-stall"
+    finish_step checkpoint-stall "$started" "$(tail -n 1 "$OUT/checkpoint-stall.log" 2>/dev/null)"
 }
 
 # --- run them, then the summary ------------------------------------------------------------------------
