@@ -18,7 +18,7 @@ from cardinal.checkpoint_writer import save_checkpoint
 from cardinal.cli import run
 from cardinal.records import TIMING_COLUMNS
 
-from conftest import SYNTHETIC, TINY
+from conftest import SYNTHETIC, TINY, OneProcess
 
 pytestmark = pytest.mark.slow  # every test resumes real (tiny) runs
 
@@ -93,21 +93,6 @@ def test_kill_during_the_swap_resumes_from_the_newest_complete_checkpoint(straig
     _resume_and_compare(run_dir, straight, capsys)
 
 
-class _FakeAccelerator:
-    """Enough of Accelerator for one process to save a checkpoint."""
-
-    is_main_process = True
-    process_index = 0
-    num_processes = 1
-    scaler = None
-
-    def wait_for_everyone(self):
-        pass
-
-    def unwrap_model(self, model):
-        return model
-
-
 def test_a_second_crash_never_deletes_the_only_complete_checkpoint(straight, tmp_path, capsys, monkeypatch):
     run_dir = _copy(straight, "one", tmp_path)
     (run_dir / "checkpoint").rename(run_dir / ".checkpoint.new")  # the only complete one is staged
@@ -125,7 +110,7 @@ def test_a_second_crash_never_deletes_the_only_complete_checkpoint(straight, tmp
 
     monkeypatch.setattr(checkpoint.torch, "save", crash_midway)
     with pytest.raises(checkpoint.CardinalError, match="checkpoint of epoch 1 is kept"):
-        save_checkpoint(_FakeAccelerator(), model, optimizer, run_dir, {"epoch": 2})
+        save_checkpoint(OneProcess(), model, optimizer, run_dir, {"epoch": 2})
     assert json.loads((checkpoint.checkpoint_dir(run_dir) / "trainer.json").read_text())["epoch"] == 1
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     _resume_and_compare(run_dir, straight, capsys)

@@ -14,22 +14,7 @@ import cardinal.train as train_module
 from cardinal.checkpoint_writer import CheckpointWriter, HostCopier
 from cardinal.cli import CardinalError, run
 
-from conftest import SYNTHETIC, TINY
-
-
-class _OneProcess:
-    """Enough of Accelerator for one process to save a checkpoint."""
-
-    is_main_process = True
-    process_index = 0
-    num_processes = 1
-    scaler = None
-
-    def wait_for_everyone(self):
-        pass
-
-    def unwrap_model(self, model):
-        return model
+from conftest import SYNTHETIC, TINY, OneProcess
 
 
 def _model_and_optimizer():
@@ -64,7 +49,7 @@ def test_save_returns_before_the_files_are_written_and_they_hold_the_boundary_st
     at_boundary = {k: v.clone() for k, v in model.state_dict().items()}
     momentum = optimizer.state_dict()["state"][0]["momentum_buffer"].clone()
     held = _HeldSaves(monkeypatch)
-    writer = CheckpointWriter(_OneProcess(), tmp_path)
+    writer = CheckpointWriter(OneProcess(), tmp_path)
     writer.save(model, optimizer, {"epoch": 1})
     assert held.started.wait(30)
     assert checkpoint.checkpoint_dir(tmp_path) is None  # still being written: the loop did not wait for it
@@ -87,7 +72,7 @@ def test_save_returns_before_the_files_are_written_and_they_hold_the_boundary_st
 def test_a_failed_background_write_reports_at_the_next_wait_and_keeps_the_previous_checkpoint(tmp_path,
                                                                                                monkeypatch):
     model, optimizer = _model_and_optimizer()
-    writer = CheckpointWriter(_OneProcess(), tmp_path)
+    writer = CheckpointWriter(OneProcess(), tmp_path)
     writer.save(model, optimizer, {"epoch": 1})
     writer.wait()
     held = _HeldSaves(monkeypatch, fail_with=OSError(28, "No space left on device"))
@@ -103,7 +88,7 @@ def test_a_failed_background_write_reports_at_the_next_wait_and_keeps_the_previo
 def test_a_second_save_waits_for_the_first(tmp_path, monkeypatch):
     model, optimizer = _model_and_optimizer()
     held = _HeldSaves(monkeypatch)
-    writer = CheckpointWriter(_OneProcess(), tmp_path)
+    writer = CheckpointWriter(OneProcess(), tmp_path)
     writer.save(model, optimizer, {"epoch": 1})
     assert held.started.wait(30)
     second = threading.Thread(target=writer.save, args=(model, optimizer, {"epoch": 2}))
