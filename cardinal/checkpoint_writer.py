@@ -27,6 +27,7 @@ import torch
 
 from cardinal.checkpoint import (
     AVERAGE_FILE,
+    CHECKPOINT_DIR,
     FORMAT,
     MODEL_FILE,
     OPTIMIZER_FILE,
@@ -180,4 +181,4 @@ def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state:
     CardinalError and leaves the previous checkpoint."""
     CheckpointWriter(accelerator, run_dir, background=False).save(model, optimizer, trainer_state, average)
     accelerator.wait_for_everyone()
-    return Path(run_dir) / "checkpoint"
+    return Path(run_dir) / CHECKPOINT_DIR

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
 import torch
 
 from cardinal import budget
-from cardinal.checkpoint import load_checkpoint, read_trainer_state, trainer_state_path
+from cardinal.checkpoint import CHECKPOINT_DIR, load_checkpoint, read_trainer_state, trainer_state_path
 from cardinal.checkpoint_writer import CheckpointWriter
 from cardinal.cli import (
     ArgumentParser,
@@ -672,7 +672,7 @@ def evaluate_only(session: Session) -> None:
     summary = {"test_loss": result.loss, "test_acc": result.accuracy, "test_images": result.images,
                "world_size": session.accelerator.num_processes, "arch": config.arch, "dataset": config.dataset,
                "weights": str(Path(config.init_weights).resolve()) if config.init_weights else
-               str(session.run_dir / "checkpoint"), "mean": list(config.recipe.mean), "std": list(config.recipe.std)}
+               str(session.run_dir / CHECKPOINT_DIR), "mean": list(config.recipe.mean), "std": list(config.recipe.std)}
     if result.flip_accuracy is not None:
         summary["test_acc_tta"] = result.flip_accuracy
     averaged = session.evaluate_average()
