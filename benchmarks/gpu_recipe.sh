@@ -21,8 +21,10 @@
 #   ARCHS             "resnet50 resnext50_32x4d"          FAST_EPOCHS   "1 5 10"
 #   SEEDS             "0 1 2"                             SEED_EPOCHS   10
 #   REFERENCE_ARCHS   "resnet50"                          REFERENCE_EPOCHS  5
-#   TUNE              "resnet50 1 --grad-clip 0; resnet50 1 --batch-size 256; resnet50 5 --grad-clip 0;
-#                     resnet50 10 --grad-clip 0"          VAL_IMAGES    5000
+#   TUNE              "resnet50 1 --batch-size 256; resnet50 5 --grad-clip 0; resnet50 5 --grad-clip 0
+#                     --head-lr-scale 0.1; resnet50 10 --grad-clip 0; resnet50 10 --grad-clip 0
+#                     --head-lr-scale 0.025" (the clip against none and against the classifier's own LR,
+#                     about 0.02 at the peak: README, Recipes)    VAL_IMAGES    5000
 #   FAST_PASS         flags of every fast run ("--mixed-precision bf16 --channels-last")
 #   SEED_PASS         flags of every seed run ("--mixed-precision no": the reference study's fp32; the summary
 #                     pairs fast with seed only when both passes name the same precision and memory format)
@@ -78,7 +80,7 @@ else
     SEED_EPOCHS=${SEED_EPOCHS:-10}
     REFERENCE_ARCHS=${REFERENCE_ARCHS:-resnet50}
     REFERENCE_EPOCHS=${REFERENCE_EPOCHS:-5}
-    TUNE=${TUNE-resnet50 1 --grad-clip 0; resnet50 1 --batch-size 256; resnet50 5 --grad-clip 0; resnet50 10 --grad-clip 0}
+    TUNE=${TUNE-resnet50 1 --batch-size 256; resnet50 5 --grad-clip 0; resnet50 5 --grad-clip 0 --head-lr-scale 0.1; resnet50 10 --grad-clip 0; resnet50 10 --grad-clip 0 --head-lr-scale 0.025}
     VAL_IMAGES=${VAL_IMAGES:-5000}
     FAST_PASS=${FAST_PASS:---mixed-precision bf16 --channels-last}
     JOBS=${JOBS:-8}

@@ -48,6 +48,7 @@ class Recipe:
     std: Tuple[float, float, float] = STUDY_STD
     zero_init_residual: bool = False
     grad_clip: float = 0.0
+    head_lr_scale: float = 1.0  # the classifier's (fc) LR as a multiple of the run's LR
     val_images: float = 0  # training images held out for validation: a count (>= 1) or a fraction (< 1)
     eval_flip: bool = False  # also evaluate with horizontal-flip test-time augmentation (own columns)
     ema_decay: float = 0.0  # if > 0, also evaluate an EMA of the weights (own columns); 0: none
@@ -175,7 +176,7 @@ def _finite(*values: Any) -> bool:
 
 def validate_recipe(recipe: Recipe) -> None:
     floats = ("lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "warmup_fraction",
-              "decay_fraction", "final_lr_fraction", "grad_clip", "val_images", "ema_decay")
+              "decay_fraction", "final_lr_fraction", "grad_clip", "head_lr_scale", "val_images", "ema_decay")
     for name in floats:
         if not _finite(getattr(recipe, name)):
             raise CardinalError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(recipe, name)}")
@@ -202,6 +203,7 @@ def validate_recipe(recipe: Recipe) -> None:
         (len(recipe.mean) == 3 and len(recipe.std) == 3 and min(recipe.std) > 0,
          "--mean and --std take three values each, std positive"),
         (recipe.grad_clip >= 0, f"--grad-clip must be >= 0, got {recipe.grad_clip}"),
+        (0 < recipe.head_lr_scale <= 1, f"--head-lr-scale must be in (0, 1], got {recipe.head_lr_scale}"),
         (0 <= recipe.ema_decay < 1, f"--ema-decay must be in [0, 1), got {recipe.ema_decay}"),
         (recipe.budget_images >= 0, f"budget_images must be >= 0, got {recipe.budget_images}"),
     ]

@@ -186,6 +186,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
          help=_recipe_help("zero_init_residual", "zero the last BN of each block"))
     knob("--grad-clip", type=finite_float, help=_recipe_help("grad_clip", "max gradient norm (0: off)"))
+    knob("--head-lr-scale", type=finite_float, metavar="F",
+         help=_recipe_help("head_lr_scale", "the classifier's (fc) LR as a fraction of the run's LR"))
     knob("--val-images", type=count_or_fraction, metavar="N",
          help=_recipe_help("val_images", "training images held out as a validation split, evaluated every "
                                          "epoch (val_loss, val_acc): a count, or a fraction below 1 (0: none); "

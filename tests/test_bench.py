@@ -329,3 +329,25 @@ def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_pa
     for way in ("loop", "background"):  # each way's last save is complete and swapped in
         state = json.loads((tmp_path / way / "checkpoint" / "trainer.json").read_text())
         assert state["epoch"] == 2 and (tmp_path / way / "checkpoint" / "ema.pt").is_file()
+
+
+def test_layer_step_probe_steps_one_part_at_a_time_and_restores_the_weights():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import layer_step_probe
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    torch.manual_seed(0)
+    model = build_model("tiny_resnet", zero_init_residual=True)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    inputs, targets = torch.randn(16, 3, 32, 32), torch.arange(16) % 10
+    rows = layer_step_probe.probe(model, inputs, targets, [0.0, 1e-3, 100.0], label_smoothing=0.1)
+    baseline = rows["(none)"][0]
+    assert set(rows) == {"(none)", *layer_step_probe.PARTS}
+    for part in layer_step_probe.PARTS:
+        norm, unchanged, small, huge = rows[part]
+        assert norm > 0 and unchanged == pytest.approx(baseline, abs=1e-5)
+        assert small < baseline  # a small step down the part's own gradient lowers the loss
+    assert rows["classifier (fc)"][3] > baseline  # and a huge one on the classifier overshoots
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name])

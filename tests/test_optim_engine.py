@@ -23,6 +23,30 @@ def test_norm_and_bias_are_exempt_from_decay_only_when_asked():
     assert len(parameter_groups(model, 5e-4, False)) == 1
 
 
+def test_classifier_gets_its_own_lr_only_when_scaled():
+    model = build_model("tiny_resnet")
+    head = {id(p) for p in model.fc.parameters()}
+    groups = parameter_groups(model, 5e-4, True, head_lr_scale=0.1)
+    assert len(groups) == 4 and groups[0].get("lr_scale", 1.0) == 1.0  # the body's decayed weights first
+    scaled = [g for g in groups if "lr_scale" in g]
+    assert {id(p) for g in scaled for p in g["params"]} == head and all(g["lr_scale"] == 0.1 for g in scaled)
+    assert [g["weight_decay"] for g in scaled] == [5e-4, 0.0]  # fc.weight decays, fc.bias does not
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert not any("lr_scale" in g for g in parameter_groups(model, 5e-4, True))
+
+
+def test_scheduled_lr_keeps_the_classifier_at_its_fraction():
+    model = build_model("tiny_resnet")
+    recipe = Recipe(epochs=1, lr=0.2, schedule="onecycle", warmup_fraction=0.5, head_lr_scale=0.25)
+    optimizer = build_optimizer(model, recipe)
+    scheduler = ScheduledLR(optimizer, build_schedule(recipe, 4), recipe.effective_lr())
+    for _ in range(4):
+        lr = scheduler.apply()
+        rates = {group.get("lr_scale", 1.0): group["lr"] for group in optimizer.param_groups}
+        assert rates == {1.0: pytest.approx(lr), 0.25: pytest.approx(0.25 * lr)}
+        scheduler.advance()
+
+
 def test_seed_recipe_is_the_reference_study():
     seed = RECIPES["seed"]
     assert (seed.lr, seed.momentum, seed.weight_decay, seed.batch_size) == (0.01, 0.9, 5e-4, 128)

@@ -131,11 +131,13 @@ def test_console_row_shows_val_acc_when_a_split_exists_and_fits_80_columns():
 # ----------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A 2-epoch fast run with a validation split, flip TTA and an EMA, and the same run stopped after 1 epoch."""
+    """A 2-epoch fast run with a validation split, flip TTA, an EMA and the classifier at its own LR, and the
+    same run stopped after 1 epoch."""
     root = tmp_path_factory.mktemp("recipe-runs")
     for name, extra in (("straight", []), ("half", ["--stop-after", "1"])):
         _train_in_process([*RUN, "--epochs", "2", "--eval-flip", "--ema-decay", "0.9", "--warmup-fraction", "0.3",
-                           "--decay-fraction", "0.8", *extra, "--output-dir", str(root), "--run-name", name])
+                           "--decay-fraction", "0.8", "--head-lr-scale", "0.5", *extra, "--output-dir", str(root),
+                           "--run-name", name])
     return root
 
 
@@ -154,6 +156,7 @@ def test_every_new_knob_reaches_config_json(runs):
     recipe = json.loads((runs / "straight" / "config.json").read_text())["recipe"]
     assert recipe["val_images"] == 0.2 and recipe["eval_flip"] is True and recipe["ema_decay"] == 0.9
     assert recipe["warmup_fraction"] == 0.3 and recipe["decay_fraction"] == 0.8 and recipe["warmup_epochs"] == 0
+    assert recipe["head_lr_scale"] == 0.5
     # what the budget rule chose for the 160 training images is what ran, and what config.json keeps
     assert recipe["sized_by_budget"] == ["batch_size", "lr"] and recipe["budget_images"] == 160
     assert (recipe["batch_size"], recipe["lr"]) == (32, 0.1)

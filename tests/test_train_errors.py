@@ -52,6 +52,8 @@ def _corrupt_copy(sample_dir, tmp_path, damage):
     (["--mean", "nan", "nan", "nan"], ["--mean", "finite"]),
     (["--lr", "nan"], ["--lr"]),
     (["--label-smoothing", "1.5"], ["--label-smoothing"]),
+    (["--head-lr-scale", "0"], ["--head-lr-scale", "(0, 1]"]),
+    (["--head-lr-scale", "nan"], ["--head-lr-scale", "finite"]),
     (["--max-steps", "-3"], ["--max-steps"]),
     (["--run-name", "../../x"], ["--run-name", "single folder name"]),
     (["--run-name", "/tmp/abs"], ["--run-name", "single folder name"]),
