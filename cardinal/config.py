@@ -22,6 +22,7 @@ STUDY_STD = (0.2023, 0.1994, 0.2010)  # the reference study's constants (a widel
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the per-channel std of the CIFAR-10 training set
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "crop-flip")
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Recipe:
     batch_size: int = 128  # global: summed over processes and accumulation steps
     lr: float = 0.01  # at batch_size, after scaling (see lr_scale_batch)
     lr_scale_batch: int = 0  # if > 0, lr is given for this batch and scaled linearly to batch_size
+    optimizer: str = "sgd"  # sgd, or adamw (momentum is its beta1; weight decay is decoupled)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -191,6 +193,11 @@ def validate_recipe(recipe: Recipe) -> None:
         (0 <= recipe.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {recipe.label_smoothing}"),
         (recipe.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
         (recipe.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}"),
+        (recipe.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+        (recipe.optimizer == "sgd" or recipe.momentum < 1, f"--momentum is adamw's beta1 and must be below 1, "
+                                                             f"got {recipe.momentum}"),
+        (recipe.optimizer == "sgd" or "lr" not in recipe.sized_by_budget,
+         "--optimizer adamw needs --lr: the budget rule sizes SGD's learning rate"),
         (recipe.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {recipe.warmup_epochs}"),
         (0 <= recipe.warmup_fraction <= 1, f"--warmup-fraction must be in [0, 1], got {recipe.warmup_fraction}"),
         (not (recipe.warmup_fraction and recipe.warmup_epochs),

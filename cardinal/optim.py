@@ -44,10 +44,18 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: 
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe, fused: Optional[bool] = None) -> torch.optim.Optimizer:
-    """``fused``: torch's one-kernel SGD step (None: torch's default, the foreach step)."""
+    """The recipe's optimizer. ``fused``: torch's one-kernel step (None: torch's default, the foreach step).
+
+    ``adamw`` takes ``momentum`` as its beta1 and ignores ``nesterov``; its weight decay is decoupled from the
+    gradient (scaled by the LR), so it wants a larger value than SGD's L2 penalty (0.05 rather than 5e-4).
+    """
     groups = parameter_groups(model, recipe.weight_decay, recipe.no_decay_norm_bias, recipe.head_lr_scale)
-    optimizer = torch.optim.SGD(groups, lr=recipe.effective_lr(), momentum=recipe.momentum,
-                                nesterov=recipe.nesterov and recipe.momentum > 0, fused=fused)
+    if recipe.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=recipe.effective_lr(),
+                                                             betas=(recipe.momentum, 0.999), fused=fused)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=recipe.effective_lr(), momentum=recipe.momentum,
+                                    nesterov=recipe.nesterov and recipe.momentum > 0, fused=fused)
     set_lr(optimizer, recipe.effective_lr())
     return optimizer
 

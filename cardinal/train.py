@@ -41,6 +41,7 @@ from cardinal.cli import (
 )
 from cardinal.config import (
     AUGMENTATIONS,
+    OPTIMIZERS,
     RECIPE_FIELDS,
     RECIPES,
     SCHEDULES,
@@ -160,8 +161,12 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--lr", type=positive_float, help=_recipe_help("lr", f"learning rate (at most {MAX_LR:g})"))
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
-    knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum"))
-    knob("--nesterov", action=argparse.BooleanOptionalAction, help=_recipe_help("nesterov", "Nesterov momentum"))
+    knob("--optimizer", choices=OPTIMIZERS,
+         help=_recipe_help("optimizer", "sgd, or adamw (needs --lr; --momentum is its beta1, --nesterov "
+                                        "is ignored, and its weight decay is decoupled: try 0.05)"))
+    knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum (adamw: beta1)"))
+    knob("--nesterov", action=argparse.BooleanOptionalAction,
+         help=_recipe_help("nesterov", "Nesterov momentum (SGD only)"))
     knob("--weight-decay", type=finite_float, help=_recipe_help("weight_decay", "weight decay"))
     knob("--decay-norm-bias", dest="no_decay_norm_bias", action="store_false",
          help="apply weight decay to norm weights and biases too (seed recipe: yes)")

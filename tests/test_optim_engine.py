@@ -7,7 +7,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from cardinal import build_model
-from cardinal.config import RECIPES, Recipe
+from cardinal.cli import CardinalError
+from cardinal.config import RECIPES, Recipe, resolve_recipe
 from cardinal.data import DeviceLoader, Normalize, synthetic_split
 from cardinal.engine import NonFiniteLoss, losses, train_epoch
 from cardinal.optim import ScheduledLR, build_optimizer, build_schedule, parameter_groups
@@ -45,6 +46,25 @@ def test_scheduled_lr_keeps_the_classifier_at_its_fraction():
         rates = {group.get("lr_scale", 1.0): group["lr"] for group in optimizer.param_groups}
         assert rates == {1.0: pytest.approx(lr), 0.25: pytest.approx(0.25 * lr)}
         scheduler.advance()
+
+
+def test_adamw_takes_momentum_as_beta1_and_keeps_the_groups():
+    model = build_model("tiny_resnet")
+    recipe = Recipe(optimizer="adamw", lr=0.002, momentum=0.8, weight_decay=0.05, no_decay_norm_bias=True,
+                    head_lr_scale=0.5)
+    optimizer = build_optimizer(model, recipe)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.8, 0.999)
+    groups = sorted((g["weight_decay"], round(g["lr"], 12)) for g in optimizer.param_groups)
+    assert groups == [(0.0, 0.001), (0.0, 0.002), (0.05, 0.001), (0.05, 0.002)]
+    assert isinstance(build_optimizer(model, Recipe()), torch.optim.SGD)
+
+
+def test_adamw_is_never_given_the_budget_rules_sgd_learning_rate():
+    with pytest.raises(CardinalError, match="--optimizer adamw needs --lr"):
+        resolve_recipe("fast", {"optimizer": "adamw"})
+    assert resolve_recipe("fast", {"optimizer": "adamw", "lr": 0.002}).sized_by_budget == ("batch_size",)
+    with pytest.raises(CardinalError, match="beta1"):
+        resolve_recipe("seed", {"optimizer": "adamw", "momentum": 1.0})
 
 
 def test_seed_recipe_is_the_reference_study():

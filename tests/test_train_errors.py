@@ -53,6 +53,8 @@ def _corrupt_copy(sample_dir, tmp_path, damage):
     (["--lr", "nan"], ["--lr"]),
     (["--label-smoothing", "1.5"], ["--label-smoothing"]),
     (["--head-lr-scale", "0"], ["--head-lr-scale", "(0, 1]"]),
+    (["--optimizer", "adam"], ["--optimizer", "invalid choice"]),
+    (["--recipe", "fast", "--optimizer", "adamw"], ["--optimizer adamw needs --lr"]),
     (["--head-lr-scale", "nan"], ["--head-lr-scale", "finite"]),
     (["--max-steps", "-3"], ["--max-steps"]),
     (["--run-name", "../../x"], ["--run-name", "single folder name"]),
