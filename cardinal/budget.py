@@ -7,10 +7,12 @@ The rule is two steps:
    ``MIN_STEPS_PER_EPOCH`` (75) optimizer steps an epoch: ``batch = clamp(32 * floor(N / 75 / 32), 32, 512)``.
    A small data set keeps a small batch (the 4,160 training images of the CIFAR-10 sample with 500 held out:
    32), a full-size one fills a GPU (40,000 images: 512).
-2. **Peak LR from the optimizer steps.** The run takes ``S = E * ceil(N / batch)`` steps; the peak LR per 256
-   images is a function of ``S`` (``LR_BY_STEPS``), a straight line in log-log between anchors and flat
-   outside them, scaled linearly to the batch, and never above ``MAX_PEAK_LR``. A short run wants a low peak,
-   a long one a high one.
+2. **Peak LR from the optimizer steps.** The run takes ``S = E * ceil(N / batch)`` steps; for SGD the peak LR
+   per 256 images is a function of ``S`` (``LR_BY_STEPS``), a straight line in log-log between anchors and
+   flat outside them, scaled linearly to the batch, and never above ``MAX_PEAK_LR``. A short run wants a low
+   peak, a long one a high one. AdamW's step is normalised per coordinate, so its peak does not follow SGD's
+   table: ``ADAMW_PEAK_LR`` at batch ``ADAMW_PEAK_BATCH``, scaled by the square root of the batch (the usual
+   rule for adaptive optimizers), the same at every length until longer runs are measured.
 
 Where the constants come from (fast recipe, resnet50; README, Recipes):
 
@@ -24,6 +26,8 @@ Where the constants come from (fast recipe, resnet50; README, Recipes):
 - (1,300 steps, 1.6): the sample at batch 32 for 10 epochs. Measured over 3 seeds; 1.6 was the largest LR
   tried, and every doubling up to it helped.
 - ``MAX_PEAK_LR`` 1.6: the largest peak LR (after scaling) any measured run used; above it nothing was run.
+
+- ``ADAMW_PEAK_LR``: see its comment.
 
 Every other combination is an interpolation, pending measurement on full-size data at 1 and 5 epochs.
 The resolved batch and LR are written to config.json, with ``budget_images``; a resumed run keeps them.
@@ -43,6 +47,8 @@ BATCH_STEP = 32  # batches are multiples of this (tensor-core friendly, divisibl
 BATCH_RANGE = (32, 512)
 LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (790, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
 MAX_PEAK_LR = 1.6  # after scaling to the batch
+ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; measured at 1 epoch only (README, Recipes)
+ADAMW_PEAK_BATCH = 512
 SIZED_KNOBS = ("batch_size", "lr")
 
 
@@ -71,13 +77,22 @@ def lr_per_256_for(steps: int) -> float:
     return anchors[-1][1]
 
 
-def lr_for(steps: int, batch: int, lr_scale_batch: int) -> float:
+def adamw_peak_lr_for(batch: int) -> float:
+    """AdamW's peak LR at this batch: square-root scaling from ADAMW_PEAK_LR, 3 significant digits."""
+    return float(f"{ADAMW_PEAK_LR * math.sqrt(batch / ADAMW_PEAK_BATCH):.3g}")
+
+
+def lr_for(steps: int, batch: int, lr_scale_batch: int, optimizer: str = "sgd") -> float:
     """The ``lr`` knob (given for ``lr_scale_batch`` images when that is > 0) for this many steps at this batch."""
-    per_256 = lr_per_256_for(steps)
-    cap = MAX_PEAK_LR * 256 / batch  # the cap, per 256 images
-    if per_256 > cap:
-        per_256 = float(f"{cap:.3g}")
-    return per_256 * lr_scale_batch / 256 if lr_scale_batch > 0 else per_256 * batch / 256
+    if optimizer == "adamw":
+        per_256 = adamw_peak_lr_for(batch) * 256 / batch
+    else:
+        per_256 = lr_per_256_for(steps)
+        cap = MAX_PEAK_LR * 256 / batch  # the cap, per 256 images
+        if per_256 > cap:
+            per_256 = float(f"{cap:.3g}")
+    knob = per_256 * lr_scale_batch / 256 if lr_scale_batch > 0 else per_256 * batch / 256
+    return float(f"{knob:.4g}")
 
 
 def resolve(recipe: Recipe, train_images: int) -> Recipe:
@@ -93,7 +108,7 @@ def resolve(recipe: Recipe, train_images: int) -> Recipe:
     batch = batch_for(train_images) if "batch_size" in recipe.sized_by_budget else recipe.batch_size
     lr = recipe.lr
     if "lr" in recipe.sized_by_budget:
-        lr = lr_for(steps_of(train_images, batch, recipe.epochs), batch, recipe.lr_scale_batch)
+        lr = lr_for(steps_of(train_images, batch, recipe.epochs), batch, recipe.lr_scale_batch, recipe.optimizer)
     sized = replace(recipe, batch_size=batch, lr=lr, budget_images=train_images)
     validate_recipe(sized)
     return sized
@@ -109,5 +124,6 @@ def describe_batch() -> str:
 def describe_lr() -> str:
     """For --help."""
     anchors = ", ".join(f"{lr} at {steps}" for steps, lr in LR_BY_STEPS)
-    return (f"sized by the run's optimizer steps S: per 256 images {anchors} steps, log-log between, flat "
-            f"outside; at most {MAX_PEAK_LR} after scaling")
+    return (f"sized by the run's optimizer steps S: SGD per 256 images {anchors} steps, log-log between, flat "
+            f"outside, at most {MAX_PEAK_LR} after scaling; AdamW {ADAMW_PEAK_LR:g} at batch {ADAMW_PEAK_BATCH}, "
+            f"times sqrt(batch / {ADAMW_PEAK_BATCH})")

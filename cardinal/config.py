@@ -23,6 +23,11 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the per-channel std of the CIFAR-10 tr
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "crop-flip")
 OPTIMIZERS = ("sgd", "adamw")
+# Knobs that change meaning with the optimizer, set when a run switches to it (unless given too): AdamW's
+# weight decay is decoupled (scaled by its LR, about 1e-3), so SGD's L2 penalty of 5e-4 would do nothing;
+# and its per-coordinate step is bounded by the LR, so it needs no clip against a first large gradient
+# (it was measured without one; README, Recipes).
+OPTIMIZER_KNOBS: Dict[str, Dict[str, Any]] = {"sgd": {}, "adamw": {"weight_decay": 0.05, "grad_clip": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,12 @@ def resolve_recipe(name: str, overrides: Dict[str, Any]) -> Recipe:
     if unknown:
         raise CardinalError(f"unknown recipe knob(s): {', '.join(sorted(unknown))}")
     overrides = dict(overrides)
+    switched_to = overrides.get("optimizer", RECIPES[name].optimizer)
+    if switched_to != RECIPES[name].optimizer:
+        if "lr" not in overrides and "lr" not in RECIPES[name].sized_by_budget:
+            raise CardinalError(f"--optimizer {switched_to} on --recipe {name} needs --lr: the recipe's "
+                                f"{RECIPES[name].lr:g} is a {RECIPES[name].optimizer} learning rate")
+        overrides = {**OPTIMIZER_KNOBS.get(switched_to, {}), **overrides}
     given = [knob for knob in WARMUP_KNOBS if knob in overrides]
     if len(given) == 1:  # e.g. --warmup-epochs 2 on a recipe that sets a warm-up fraction
         other = WARMUP_KNOBS[1 - WARMUP_KNOBS.index(given[0])]
@@ -196,8 +207,6 @@ def validate_recipe(recipe: Recipe) -> None:
         (recipe.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
         (recipe.optimizer == "sgd" or recipe.momentum < 1, f"--momentum is adamw's beta1 and must be below 1, "
                                                              f"got {recipe.momentum}"),
-        (recipe.optimizer == "sgd" or "lr" not in recipe.sized_by_budget,
-         "--optimizer adamw needs --lr: the budget rule sizes SGD's learning rate"),
         (recipe.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {recipe.warmup_epochs}"),
         (0 <= recipe.warmup_fraction <= 1, f"--warmup-fraction must be in [0, 1], got {recipe.warmup_fraction}"),
         (not (recipe.warmup_fraction and recipe.warmup_epochs),

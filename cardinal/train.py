@@ -162,8 +162,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--optimizer", choices=OPTIMIZERS,
-         help=_recipe_help("optimizer", "sgd, or adamw (needs --lr; --momentum is its beta1, --nesterov "
-                                        "is ignored, and its weight decay is decoupled: try 0.05)"))
+         help=_recipe_help("optimizer", "sgd, or adamw (--momentum is its beta1, --nesterov is ignored; "
+                                        "switching to it sets --weight-decay 0.05, decoupled, and --grad-clip "
+                                        "0 unless given; fast sizes its LR, seed needs --lr)"))
     knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum (adamw: beta1)"))
     knob("--nesterov", action=argparse.BooleanOptionalAction,
          help=_recipe_help("nesterov", "Nesterov momentum (SGD only)"))

@@ -92,10 +92,21 @@ def test_resuming_keeps_the_sized_recipe_of_config_json(tmp_path):
     assert budget.resolve(resumed.recipe, FULL_TRAIN) == ran.recipe
 
 
+def test_adamw_gets_its_own_peak_scaled_by_the_square_root_of_the_batch():
+    full, sample = sized(1, FULL_TRAIN, optimizer="adamw"), sized(1, SAMPLE_TRAIN, optimizer="adamw")
+    assert full.batch_size == 512 and full.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR)
+    assert sample.batch_size == 32 and sample.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR / 4)
+    assert sized(10, FULL_TRAIN, optimizer="adamw").lr == full.lr  # the same at every length, for now
+    absolute = sized(1, SAMPLE_TRAIN, optimizer="adamw", lr_scale_batch=0)
+    assert absolute.lr == pytest.approx(sample.effective_lr())
+    assert sized(1, FULL_TRAIN, optimizer="adamw", lr=3e-3).effective_lr() == pytest.approx(3e-3 * 512 / 256)
+
+
 def test_help_states_the_rule():
     text = " ".join(train_module.build_parser().format_help().split())
     assert f">= {budget.MIN_STEPS_PER_EPOCH} steps an epoch" in text
     assert "0.1 at 390, 0.4 at 790, 1.6 at 1300 steps" in text
+    assert f"AdamW {budget.ADAMW_PEAK_LR:g} at batch {budget.ADAMW_PEAK_BATCH}" in text
 
 
 def test_an_absolute_lr_knob_gets_the_same_peak():

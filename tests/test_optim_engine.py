@@ -59,12 +59,19 @@ def test_adamw_takes_momentum_as_beta1_and_keeps_the_groups():
     assert isinstance(build_optimizer(model, Recipe()), torch.optim.SGD)
 
 
-def test_adamw_is_never_given_the_budget_rules_sgd_learning_rate():
-    with pytest.raises(CardinalError, match="--optimizer adamw needs --lr"):
-        resolve_recipe("fast", {"optimizer": "adamw"})
-    assert resolve_recipe("fast", {"optimizer": "adamw", "lr": 0.002}).sized_by_budget == ("batch_size",)
+def test_switching_to_adamw_brings_its_own_decay_and_clip_and_never_an_sgd_learning_rate():
+    switched = resolve_recipe("fast", {"optimizer": "adamw"})
+    assert (switched.weight_decay, switched.grad_clip) == (0.05, 0.0)  # decoupled decay; no clip
+    assert switched.sized_by_budget == ("batch_size", "lr")  # the budget rule sizes AdamW's LR
+    given = resolve_recipe("fast", {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 2.0, "lr": 0.002})
+    assert (given.weight_decay, given.grad_clip, given.lr, given.sized_by_budget) == (0.01, 2.0, 0.002,
+                                                                                       ("batch_size",))
+    assert resolve_recipe("fast", {"optimizer": "sgd"}) == RECIPES["fast"]  # no switch, nothing changes
+    with pytest.raises(CardinalError, match="--optimizer adamw on --recipe seed needs --lr"):
+        resolve_recipe("seed", {"optimizer": "adamw"})  # seed's 0.01 is an SGD rate, and seed sizes nothing
+    assert resolve_recipe("seed", {"optimizer": "adamw", "lr": 1e-3}).weight_decay == 0.05
     with pytest.raises(CardinalError, match="beta1"):
-        resolve_recipe("seed", {"optimizer": "adamw", "momentum": 1.0})
+        resolve_recipe("seed", {"optimizer": "adamw", "lr": 1e-3, "momentum": 1.0})
 
 
 def test_seed_recipe_is_the_reference_study():

@@ -54,7 +54,7 @@ def _corrupt_copy(sample_dir, tmp_path, damage):
     (["--label-smoothing", "1.5"], ["--label-smoothing"]),
     (["--head-lr-scale", "0"], ["--head-lr-scale", "(0, 1]"]),
     (["--optimizer", "adam"], ["--optimizer", "invalid choice"]),
-    (["--recipe", "fast", "--optimizer", "adamw"], ["--optimizer adamw needs --lr"]),
+    (["--recipe", "seed", "--optimizer", "adamw"], ["--optimizer adamw on --recipe seed needs --lr"]),
     (["--head-lr-scale", "nan"], ["--head-lr-scale", "finite"]),
     (["--max-steps", "-3"], ["--max-steps"]),
     (["--run-name", "../../x"], ["--run-name", "single folder name"]),
