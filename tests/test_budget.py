@@ -25,23 +25,29 @@ def test_the_sample_keeps_the_batch_and_lrs_it_was_tuned_with():
 
 
 def test_full_size_data_gets_a_gpu_sized_batch_and_the_measured_10_epoch_lr():
-    assert [sized(epochs, FULL_TRAIN).batch_size for epochs in (1, 5, 10, 30)] == [512] * 4
+    assert [sized(epochs, FULL_TRAIN).batch_size for epochs in (1, 2, 5, 10, 30)] == [288] + [512] * 4
+    assert sized(1, 35000).batch_size == 256  # 137 steps: the measured 1-epoch batch (5,000 held out)
     assert sized(10, FULL_TRAIN).lr == 0.4  # 790 steps: the measured full-data anchor
-    assert sized(1, FULL_TRAIN).lr == 0.1  # 79 steps: below the first anchor, flat
+    assert sized(1, FULL_TRAIN).lr == 0.1  # 139 steps: below the first anchor, flat
     assert sized(30, FULL_TRAIN).effective_lr() == pytest.approx(budget.MAX_PEAK_LR)  # capped after scaling
 
 
-def test_batch_is_a_multiple_of_32_that_gives_enough_steps_an_epoch():
+def test_batch_is_a_multiple_of_32_that_gives_enough_steps_an_epoch_and_in_the_run():
     for images in (1, 100, 2400, 4160, 4660, 10000, 24000, 35000, 40000, 10**6):
-        batch = budget.batch_for(images)
-        assert batch % budget.BATCH_STEP == 0 and budget.BATCH_RANGE[0] <= batch <= budget.BATCH_RANGE[1]
-        if budget.BATCH_RANGE[0] < batch < budget.BATCH_RANGE[1]:
-            assert images / batch >= budget.MIN_STEPS_PER_EPOCH > images / (batch + budget.BATCH_STEP)
+        for epochs in (1, 2, 3, 10):
+            batch = budget.batch_for(images, epochs)
+            assert batch % budget.BATCH_STEP == 0 and budget.BATCH_RANGE[0] <= batch <= budget.BATCH_RANGE[1]
+            if budget.BATCH_RANGE[0] < batch < budget.BATCH_RANGE[1]:
+                enough = lambda b: (images / b >= budget.MIN_STEPS_PER_EPOCH  # noqa: E731
+                                    and epochs * images / b >= budget.MIN_STEPS_PER_RUN)
+                assert enough(batch) and not enough(batch + budget.BATCH_STEP), (images, epochs)
 
 
 def test_the_rule_is_monotone_in_data_and_in_length():
     batches = [budget.batch_for(images) for images in range(0, 60001, 500)]
     assert batches == sorted(batches)
+    by_length = [budget.batch_for(FULL_TRAIN, epochs) for epochs in range(1, 11)]
+    assert by_length == sorted(by_length)
     per_256 = [budget.lr_per_256_for(steps) for steps in range(1, 3000, 7)]
     assert per_256 == sorted(per_256)
     for images in (SAMPLE_TRAIN, FULL_TRAIN):
@@ -93,18 +99,21 @@ def test_resuming_keeps_the_sized_recipe_of_config_json(tmp_path):
 
 
 def test_adamw_gets_its_own_peak_scaled_by_the_square_root_of_the_batch():
-    full, sample = sized(1, FULL_TRAIN, optimizer="adamw"), sized(1, SAMPLE_TRAIN, optimizer="adamw")
-    assert full.batch_size == 512 and full.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR)
-    assert sample.batch_size == 32 and sample.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR / 4)
-    assert sized(10, FULL_TRAIN, optimizer="adamw").lr == full.lr  # the same at every length, for now
+    full, sample = sized(1, 35000, optimizer="adamw"), sized(1, SAMPLE_TRAIN, optimizer="adamw")
+    assert full.batch_size == 256 and full.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR)
+    assert sample.batch_size == 32 and sample.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR / 8 ** 0.5,
+                                                                               rel=1e-3)
+    long = sized(10, FULL_TRAIN, optimizer="adamw")  # batch 512: the same peak at every length, for now
+    assert long.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR * 2 ** 0.5, rel=1e-3)
+    assert sized(20, FULL_TRAIN, optimizer="adamw").lr == long.lr
     absolute = sized(1, SAMPLE_TRAIN, optimizer="adamw", lr_scale_batch=0)
     assert absolute.lr == pytest.approx(sample.effective_lr())
-    assert sized(1, FULL_TRAIN, optimizer="adamw", lr=3e-3).effective_lr() == pytest.approx(3e-3 * 512 / 256)
+    assert sized(2, FULL_TRAIN, optimizer="adamw", lr=3e-3).effective_lr() == pytest.approx(3e-3 * 512 / 256)
 
 
 def test_help_states_the_rule():
     text = " ".join(train_module.build_parser().format_help().split())
-    assert f">= {budget.MIN_STEPS_PER_EPOCH} steps an epoch" in text
+    assert f">= {budget.MIN_STEPS_PER_EPOCH} steps an epoch and >= {budget.MIN_STEPS_PER_RUN} in the run" in text
     assert "0.1 at 390, 0.4 at 790, 1.6 at 1300 steps" in text
     assert f"AdamW {budget.ADAMW_PEAK_LR:g} at batch {budget.ADAMW_PEAK_BATCH}" in text
 
