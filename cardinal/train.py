@@ -162,9 +162,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--optimizer", choices=OPTIMIZERS,
-         help=_recipe_help("optimizer", "sgd, or adamw (--momentum is its beta1, --nesterov is ignored; "
-                                        "switching to it sets --weight-decay 0.05, decoupled, and --grad-clip "
-                                        "0 unless given; fast sizes its LR, seed needs --lr)"))
+         help=_recipe_help("optimizer", "sgd or adamw (--momentum is adamw's beta1; --nesterov is SGD's). "
+                                        "Switching sets, unless given, --weight-decay (adamw 0.05, decoupled; "
+                                        "sgd 5e-4) and --grad-clip (adamw 0, sgd 1); fast sizes either's LR, "
+                                        "seed needs --lr for adamw"))
     knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum (adamw: beta1)"))
     knob("--nesterov", action=argparse.BooleanOptionalAction,
          help=_recipe_help("nesterov", "Nesterov momentum (SGD only)"))

@@ -14,6 +14,8 @@ FULL_TRAIN = 40000  # full-size data (40,000 training images + 10,000 held out a
 
 
 def sized(epochs, train_images, **overrides):
+    """fast as the rule sizes it; with SGD (fast's measured SGD run) unless an optimizer is given."""
+    overrides = {"optimizer": "sgd", **overrides}
     return budget.resolve(resolve_recipe("fast", {"epochs": epochs, **overrides}), train_images)
 
 
@@ -32,15 +34,18 @@ def test_full_size_data_gets_a_gpu_sized_batch_and_the_measured_10_epoch_lr():
     assert sized(30, FULL_TRAIN).effective_lr() == pytest.approx(budget.MAX_PEAK_LR)  # capped after scaling
 
 
+def _gives_enough_steps(images, epochs, batch):
+    return images / batch >= budget.MIN_STEPS_PER_EPOCH and epochs * images / batch >= budget.MIN_STEPS_PER_RUN
+
+
 def test_batch_is_a_multiple_of_32_that_gives_enough_steps_an_epoch_and_in_the_run():
     for images in (1, 100, 2400, 4160, 4660, 10000, 24000, 35000, 40000, 10**6):
         for epochs in (1, 2, 3, 10):
             batch = budget.batch_for(images, epochs)
             assert batch % budget.BATCH_STEP == 0 and budget.BATCH_RANGE[0] <= batch <= budget.BATCH_RANGE[1]
             if budget.BATCH_RANGE[0] < batch < budget.BATCH_RANGE[1]:
-                enough = lambda b: (images / b >= budget.MIN_STEPS_PER_EPOCH  # noqa: E731
-                                    and epochs * images / b >= budget.MIN_STEPS_PER_RUN)
-                assert enough(batch) and not enough(batch + budget.BATCH_STEP), (images, epochs)
+                assert _gives_enough_steps(images, epochs, batch), (images, epochs)
+                assert not _gives_enough_steps(images, epochs, batch + budget.BATCH_STEP), (images, epochs)
 
 
 def test_the_rule_is_monotone_in_data_and_in_length():
@@ -70,6 +75,12 @@ def test_a_given_batch_or_lr_is_never_resized():
     assert (by_lr.batch_size, by_lr.lr, by_lr.sized_by_budget) == (512, 0.3, ("batch_size",))
     both = sized(10, FULL_TRAIN, lr=0.3, batch_size=64)
     assert (both.batch_size, both.lr, both.sized_by_budget, both.budget_images) == (64, 0.3, (), 0)
+
+
+def test_fast_trains_with_adamw_at_the_rules_peak():
+    fast = budget.resolve(resolve_recipe("fast", {"epochs": 1}), 35000)
+    assert (fast.optimizer, fast.batch_size, fast.weight_decay, fast.grad_clip) == ("adamw", 256, 0.05, 0.0)
+    assert fast.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR)
 
 
 def test_the_seed_recipe_sizes_nothing():

@@ -59,14 +59,15 @@ def test_adamw_takes_momentum_as_beta1_and_keeps_the_groups():
     assert isinstance(build_optimizer(model, Recipe()), torch.optim.SGD)
 
 
-def test_switching_to_adamw_brings_its_own_decay_and_clip_and_never_an_sgd_learning_rate():
-    switched = resolve_recipe("fast", {"optimizer": "adamw"})
-    assert (switched.weight_decay, switched.grad_clip) == (0.05, 0.0)  # decoupled decay; no clip
-    assert switched.sized_by_budget == ("batch_size", "lr")  # the budget rule sizes AdamW's LR
-    given = resolve_recipe("fast", {"optimizer": "adamw", "weight_decay": 0.01, "grad_clip": 2.0, "lr": 0.002})
-    assert (given.weight_decay, given.grad_clip, given.lr, given.sized_by_budget) == (0.01, 2.0, 0.002,
+def test_switching_optimizer_brings_its_own_decay_and_clip_and_never_the_other_ones_learning_rate():
+    switched = resolve_recipe("fast", {"optimizer": "sgd"})
+    assert (switched.weight_decay, switched.grad_clip, switched.nesterov) == (5e-4, 1.0, True)  # L2; clip
+    assert switched.sized_by_budget == ("batch_size", "lr")  # the budget rule sizes SGD's LR
+    given = resolve_recipe("fast", {"optimizer": "sgd", "weight_decay": 0.01, "grad_clip": 2.0, "lr": 0.2})
+    assert (given.weight_decay, given.grad_clip, given.lr, given.sized_by_budget) == (0.01, 2.0, 0.2,
                                                                                        ("batch_size",))
-    assert resolve_recipe("fast", {"optimizer": "sgd"}) == RECIPES["fast"]  # no switch, nothing changes
+    assert resolve_recipe("fast", {"optimizer": "adamw"}) == RECIPES["fast"]  # no switch, nothing changes
+    assert (RECIPES["fast"].weight_decay, RECIPES["fast"].grad_clip) == (0.05, 0.0)  # decoupled; no clip
     with pytest.raises(CardinalError, match="--optimizer adamw on --recipe seed needs --lr"):
         resolve_recipe("seed", {"optimizer": "adamw"})  # seed's 0.01 is an SGD rate, and seed sizes nothing
     assert resolve_recipe("seed", {"optimizer": "adamw", "lr": 1e-3}).weight_decay == 0.05
