@@ -55,7 +55,7 @@ BATCH_STEP = 32  # batches are multiples of this (tensor-core friendly, divisibl
 BATCH_RANGE = (32, 512)
 LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (790, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
 MAX_PEAK_LR = 1.6  # after scaling to the batch
-ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; measured at 1 epoch only (README, Recipes)
+ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (README, Recipes)
 ADAMW_PEAK_BATCH = 256
 SIZED_KNOBS = ("batch_size", "lr")
 
