@@ -74,7 +74,8 @@ def compile_kwargs(mode: str) -> dict:
 
 
 def fused_optimizer(device_type: str, precision: Optional[str] = None) -> Optional[bool]:
-    """SGD's fused kernel (one launch for every parameter's update) on CUDA; torch's own default elsewhere.
+    """The optimizer's fused kernel (SGD's or AdamW's: one launch for every parameter's update) on CUDA;
+    torch's own default elsewhere.
 
     Not under fp16: GradScaler hands a fused optimizer its inf check to skip inside the kernel, so the step
     always looks taken, and the skipped_steps column and the LR schedule (which counts applied steps) would
