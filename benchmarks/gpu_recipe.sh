@@ -21,6 +21,7 @@
 #   ARCHS             "resnet50 resnext50_32x4d"          FAST_EPOCHS   "1 5 10"
 #   SEEDS             "0 1 2"                             SEED_EPOCHS   10
 #   REFERENCE_ARCHS   "resnet50"                          REFERENCE_EPOCHS  5
+#   TUNE_SEEDS        seeds of the tune runs (default: SEEDS)
 #   TUNE              "resnet50 1 --optimizer sgd; resnet50 5 --optimizer sgd; resnet50 10 --optimizer sgd;
 #                     resnet50 1 --batch-size 512; resnet50 5 --lr 0.0028; resnet50 10 --lr 0.0028" (fast's
 #                     SGD run against its AdamW at each length, the batch rule's 1-epoch halving, and twice
@@ -96,6 +97,7 @@ else
     TRAIN_IMAGES=""  # counted from the data below
 fi
 SEED_PASS=${SEED_PASS:---mixed-precision no}
+TUNE_SEEDS=${TUNE_SEEDS:-$SEEDS}
 read -r -a FAST_FLAGS <<< "$FAST_PASS"
 read -r -a SEED_FLAGS <<< "$SEED_PASS"
 # Runs share the GPU here, so speed is not measured: none compiles (compiling each of many runs at once
@@ -143,7 +145,7 @@ for variant in "${VARIANTS[@]}"; do
     read -r -a words <<< "$variant"
     [ "${#words[@]}" -ge 2 ] || continue
     arch=${words[0]} epochs=${words[1]} flags=("${words[@]:2}")
-    for seed in $SEEDS; do
+    for seed in $TUNE_SEEDS; do
         if [ -z "${TUNED[$arch-$epochs-$seed]:-}" ]; then  # the rule's own choice, once per arch and length
             TUNED[$arch-$epochs-$seed]=1
             train tune "$arch-fast-e$epochs-rule-seed$seed" --arch "$arch" --recipe fast --epochs "$epochs" \
