@@ -69,6 +69,12 @@ class Recipe:
         """Whether no step's LR depends on the run's length, so the run may be lengthened on resume."""
         return self.schedule == "constant" and self.warmup_fraction == 0
 
+    @property
+    def epochs_are_runs(self) -> bool:
+        """Whether epoch k of a run is itself a k-epoch run: nothing depends on the planned length (neither
+        the LR schedule nor a batch and LR the budget rule sized from it), so a long run stands for shorter ones."""
+        return self.length_free and not self.sized_by_budget
+
     def effective_lr(self) -> float:
         return self.lr * self.batch_size / self.lr_scale_batch if self.lr_scale_batch > 0 else self.lr
 

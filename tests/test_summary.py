@@ -344,6 +344,68 @@ def test_two_non_reference_recipes_take_the_first_as_baseline(tmp_path):
     assert [g.label for g in pair] == ["tiny_resnet (fast, lr=0.4)", "tiny_resnet (fast, lr=0.5)"]
 
 
+def _recipe_gap_rows(result):
+    return list(zip(result.recipe_gaps["model"], result.recipe_gaps["baseline"], result.recipe_gaps["epoch"]))
+
+
+def test_a_constant_lr_recipe_stands_for_each_shorter_length(tmp_path):
+    """seed's epoch k is a k-epoch run: one 3-epoch seed run is the baseline of a 1- and a 2-epoch fast run,
+    each at its own end only (epoch 1 of the 2-epoch fast run is mid-schedule and never set beside it)."""
+    for seed in (0, 1, 2):
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0 + seed, 30.0 + seed, 35.0 + seed])
+        write_run(tmp_path / f"fast1-{seed}", "tiny_resnet", seed, [40.0 + 2 * seed], recipe="fast")
+        write_run(tmp_path / f"fast2-{seed}", "tiny_resnet", seed, [10.0, 50.0 + seed], recipe="fast")
+    result = summary.summarize([tmp_path])
+    assert sorted(_recipe_gap_rows(result)) == [
+        ("tiny_resnet (fast, epochs=1)", "tiny_resnet (seed)", 1),
+        ("tiny_resnet (fast, epochs=2)", "tiny_resnet (seed)", 2)]
+    gaps = result.recipe_gaps.set_index("epoch")
+    assert gaps.loc[1, "gap"] == pytest.approx(np.mean([20.0 + s for s in (0, 1, 2)]))
+    assert gaps.loc[2, "gap"] == pytest.approx(20.0) and gaps.loc[2, "method"] == "paired"
+    ends = result.final_gaps.set_index("epoch")
+    assert sorted(ends.index) == [1, 2] and ends.loc[2, "gap"] == pytest.approx(20.0)
+    assert any("epoch k of tiny_resnet (seed) is a k-epoch run" in line for line in result.notes)
+
+
+def test_a_stand_in_must_reach_the_length_and_an_equal_length_one_comes_first(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed3-{seed}", "tiny_resnet", seed, [20.0, 30.0, 35.0])
+        write_run(tmp_path / f"seed1-{seed}", "tiny_resnet", seed, [22.0])
+        write_run(tmp_path / f"fast1-{seed}", "tiny_resnet", seed, [40.0 + seed], recipe="fast")
+        write_run(tmp_path / f"fast5-{seed}", "tiny_resnet", seed, [10.0, 20.0, 30.0, 40.0, 60.0], recipe="fast")
+    result = summary.summarize([tmp_path])
+    assert _recipe_gap_rows(result) == [("tiny_resnet (fast, epochs=1)", "tiny_resnet (seed, epochs=1)", 1)]
+    assert result.recipe_gaps.iloc[0]["gap"] == pytest.approx(18.5)
+
+
+def test_a_constant_lr_run_cut_short_still_stands_for_the_epochs_it_finished(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0, 30.0], planned=5)  # stopped at 2 of 5
+        write_run(tmp_path / f"fast{seed}", "tiny_resnet", seed, [10.0, 45.0], recipe="fast")
+    result = summary.summarize([tmp_path])
+    assert _recipe_gap_rows(result) == [("tiny_resnet (fast)", "tiny_resnet (seed)", 2)]
+    assert list(result.final_gaps["epoch"]) == [2]
+
+
+def test_two_constant_lr_recipes_of_different_lengths_meet_at_every_shared_epoch(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed{seed}", "tiny_resnet", seed, [20.0, 30.0, 35.0])
+        ref = write_run(tmp_path / f"ref{seed}", "tiny_resnet", seed, [21.0, 32.0])
+        config = json.loads((ref / CONFIG_NAME).read_text())
+        (ref / CONFIG_NAME).write_text(json.dumps({**config, "recipe_name": "reference"}))
+    result = summary.summarize([tmp_path], epochs=[1, 2, 3])
+    assert _recipe_gap_rows(result) == [("tiny_resnet (reference)", "tiny_resnet (seed)", 1),
+                                        ("tiny_resnet (reference)", "tiny_resnet (seed)", 2)]
+    assert list(result.final_gaps["epoch"]) == [2]
+
+
+def test_epochs_are_runs_only_where_nothing_depends_on_the_length():
+    assert RECIPES["seed"].epochs_are_runs
+    assert not RECIPES["fast"].epochs_are_runs  # one-cycle over the run
+    assert not replace(RECIPES["fast"], schedule="constant", warmup_fraction=0.0).epochs_are_runs  # sized by it
+    assert not replace(RECIPES["seed"], warmup_fraction=0.1).epochs_are_runs
+
+
 # --------------------------------------------------------------------------------------------- speed
 def test_speed_is_the_median_of_epochs_two_on(tmp_path):
     write_run(tmp_path / "a", "tiny_resnet", 0, [1.0, 2.0, 3.0, 4.0, 5.0], img_per_s=[100, 200, 210, 190, 900])

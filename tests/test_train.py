@@ -146,6 +146,17 @@ def test_a_constant_schedule_run_can_be_lengthened_on_resume(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["recipe"]["epochs"] == 2
 
 
+def test_epoch_k_of_a_seed_run_is_a_k_epoch_run(tmp_path):
+    """What lets the summary set one long seed run beside shorter runs of other recipes
+    (Recipe.epochs_are_runs): nothing of epoch 1 depends on the planned length."""
+    args = [*TINY, *SYNTHETIC, "--no-export", "--recipe", "seed"]
+    short = train([*args, "--epochs", "1"], tmp_path, run_name="short")
+    long = train([*args, "--epochs", "2"], tmp_path, run_name="long")
+    compared = [c for c in short.columns if c not in TIMING_COLUMNS + ("run_name", "command")]
+    pd.testing.assert_frame_equal(long[compared].iloc[:1], short[compared], check_exact=False, rtol=1e-6)
+    assert RECIPES["seed"].epochs_are_runs
+
+
 def test_tensorboard_receives_every_epoch(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -2,7 +2,9 @@
 
 Models are compared only within one set of conditions. Recipes are compared one arch at a time: two
 groups of one arch whose conditions differ only in the recipe (its name, knobs and batch), and only when
-both runs have the same length: epoch k of a long run is never set against the end of a short one.
+both runs have the same length: epoch k of a long run is never set against the end of a short one. The
+exception proves the rule: where a recipe's LR is constant and nothing in it is sized by the run's length
+(the reference study's ``seed``), epoch k of a long run *is* a k-epoch run, so it stands for one.
 """
 
 from __future__ import annotations
@@ -131,21 +133,63 @@ def _run_as(group: Group) -> Conditions:
     return tuple((k, v) for k, v in group.conditions if k in RUN_AS)
 
 
+def _recipe_key(group: Group) -> tuple[str, Conditions]:
+    """What two recipes must share to be compared, but the length: arch and setup."""
+    return group.arch, tuple((k, v) for k, v in setup_conditions(group) if k != LENGTH)
+
+
+def end_epoch(model: Group, baseline: Group) -> int | None:
+    """The epoch at which two groups are set side by side as whole runs: their common length; or, where one
+    recipe's epochs are runs of their own (a constant LR, nothing sized by length), the other's length once
+    it reached it; None when neither holds (epoch k of a long run never stands for the end of a short one)."""
+    if model.length == baseline.length:
+        return model.length
+    if model.epochs_are_runs and baseline.epochs_are_runs:
+        return min(model.last_epoch(), baseline.last_epoch())
+    for short, long in ((model, baseline), (baseline, model)):
+        if long.epochs_are_runs and not short.epochs_are_runs and long.at_epoch(short.length):
+            return short.length
+    return None
+
+
 def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
-    """(model, baseline): groups of one arch, one setup and one length that differ in the recipe only (two
-    recipes of different names may run in different precisions). The reference recipe is the baseline when it
-    is one of the two, else the group that appears first."""
-    by_setup: dict[tuple[str, int, Conditions], list[Group]] = {}
+    """(model, baseline): groups of one arch and one setup that differ in the recipe only (two recipes of
+    different names may run in different precisions), of one length, or one of them a recipe whose epochs are
+    runs of their own that stands for the other's length (see ``end_epoch``; one such group per recipe, none
+    where one of the same length is there, else the one with most seeds at that epoch). The reference recipe is
+    the baseline when it is one of the two, else the group that appears first."""
+    by_setup: dict[tuple[str, Conditions], list[Group]] = {}
     for group in groups:
-        by_setup.setdefault((group.arch, group.length, setup_conditions(group)), []).append(group)
-    pairs = []
+        by_setup.setdefault(_recipe_key(group), []).append(group)
+    pairs: list[tuple[Group, Group]] = []
     for members in by_setup.values():
+        stand_ins: dict[tuple[int, Conditions], tuple[int, Group, Group]] = {}  # (fixed, free recipe): best
         for first, second in itertools.combinations(members, 2):
             if first.recipe_name == second.recipe_name and _run_as(first) != _run_as(second):
                 continue
+            if _unsized(first) == _unsized(second):  # one recipe, two lengths: not a recipe gap
+                continue
+            epoch = end_epoch(first, second)
+            if epoch is None:
+                continue
             swap = second.recipe_name == BASELINE_RECIPE and first.recipe_name != BASELINE_RECIPE
-            pairs.append((first, second) if swap else (second, first))
+            model, baseline = (first, second) if swap else (second, first)
+            if model.length == baseline.length or (model.epochs_are_runs and baseline.epochs_are_runs):
+                pairs.append((model, baseline))
+                continue
+            fixed, free = (model, baseline) if baseline.epochs_are_runs else (baseline, model)
+            slot = (id(fixed), _unsized(free))
+            seeds = len(free.at_epoch(epoch))
+            if slot not in stand_ins or seeds > stand_ins[slot][0]:
+                stand_ins[slot] = (seeds, model, baseline)
+        matched = {(id(g), _unsized(h)) for pair in pairs for g, h in (pair, pair[::-1])}
+        pairs += [(model, baseline) for slot, (_, model, baseline) in stand_ins.items() if slot not in matched]
     return pairs
+
+
+def _unsized(group: Group) -> Conditions:
+    """A group's conditions less its length."""
+    return tuple((k, v) for k, v in group.conditions if k != LENGTH)
 
 
 HOW_RUN = ("compiled", *RUN_AS)  # how one recipe was run: whether that changes its result is a question too
@@ -179,6 +223,10 @@ def gap_table(pairs: list[tuple[Group, Group]], results: pd.DataFrame, metric: s
     """Per (model, baseline) pair and epoch both report: see ``gap_row``."""
     rows = []
     for model, baseline in pairs if not results.empty else []:
+        if model.length != baseline.length and not (model.epochs_are_runs and baseline.epochs_are_runs):
+            # one's epochs are runs of their own: set beside the other's end only
+            rows.append(gap_row(model, baseline, end_epoch(model, baseline), metric))
+            continue
         shared = set(results.loc[results["model"] == model.label, "epoch"]) & set(
             results.loc[results["model"] == baseline.label, "epoch"])
         rows += [gap_row(model, baseline, epoch, metric) for epoch in sorted(shared)]
@@ -210,10 +258,11 @@ def final_gaps(groups: list[Group]) -> pd.DataFrame:
     for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)),
                         ("setup", setup_pairs(groups))):
         for model, baseline in pairs:
-            if not (model.finished() and baseline.finished() and model.length == baseline.length):
+            epoch = end_epoch(model, baseline)
+            if epoch is None or not all(g.finished() or g.length > epoch for g in (model, baseline)):
                 continue
             speed = speed_row(model, baseline)
-            rows.append({**gap_row(model, baseline, model.length), "kind": kind, "model_index": index[id(model)],
+            rows.append({**gap_row(model, baseline, epoch), "kind": kind, "model_index": index[id(model)],
                          "baseline_index": index[id(baseline)], "ratio": speed["ratio"],
                          "ratio_verdict": speed["verdict"], "ratio_too_wide": speed["too_wide"]})
     columns = GAP_COLUMNS + ["kind", "model_index", "baseline_index", "ratio", "ratio_verdict", "ratio_too_wide"]

@@ -65,6 +65,11 @@ class Group:
         """Each run's steady-state speed (see Run.median_speed)."""
         return [r.median_speed(column) for r in self.runs]
 
+    @property
+    def epochs_are_runs(self) -> bool:
+        """Whether each epoch k of its runs is itself a k-epoch run (a constant LR, nothing sized by length)."""
+        return all(r.epochs_are_runs for r in self.runs)
+
     def first_value(self, column: str) -> float:
         values = [r.frame[column].iloc[0] for r in self.runs if column in r.frame]
         return float(values[0]) if values else float("nan")

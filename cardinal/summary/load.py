@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cardinal.cli import MAX_SEED, CardinalError
+from cardinal.config import RECIPE_FIELDS, Recipe
 from cardinal.records import CONFIG_NAME, CSV_NAME, RUN_COLUMNS, speed_includes_warm_up, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
@@ -72,6 +73,7 @@ class Run:
     conditions: Conditions
     planned_epochs: int | None
     mtime: float
+    epochs_are_runs: bool = False  # each epoch k is itself a k-epoch run (Recipe.epochs_are_runs)
 
     @property
     def folder(self) -> Path:
@@ -285,6 +287,16 @@ def _planned_epochs(config: dict[str, Any] | None) -> int | None:
     return planned if isinstance(planned, int) and 1 <= planned <= MAX_EPOCH else None
 
 
+def _epochs_are_runs(config: dict[str, Any] | None) -> bool:
+    """Recipe.epochs_are_runs of the saved recipe; False when there is none or it cannot be rebuilt."""
+    saved = (config or {}).get("recipe", {})
+    try:
+        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in RECIPE_FIELDS})
+        return bool(config) and recipe.epochs_are_runs
+    except (TypeError, ValueError):
+        return False
+
+
 def _with_cumulative_time(frame: pd.DataFrame) -> pd.DataFrame:
     complete = "train_time_s" in frame and frame["train_time_s"].notna().all()
     column = "train_time_s" if complete else "epoch_time_s"
@@ -298,7 +310,7 @@ def read_run(csv: Path) -> Run:
     config = read_config(csv)
     return Run(csv=csv, frame=frame, arch=str(_column_value(frame, "arch")), seed=_seed(frame),
                conditions=run_conditions(frame, config), planned_epochs=_planned_epochs(config),
-               mtime=os.stat(csv).st_mtime)
+               mtime=os.stat(csv).st_mtime, epochs_are_runs=_epochs_are_runs(config))
 
 
 def load_runs(paths: Sequence[Path]) -> Loaded:

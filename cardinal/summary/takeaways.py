@@ -135,6 +135,11 @@ def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
     if single:
         lines.append(f"Runs with only warm-up epochs (a single epoch) take their speed from them, warm-up included: "
                      f"{', '.join(single)}.")
+    stand_ins = dict.fromkeys(group.label for pair in recipe_pairs(groups) if pair[0].length != pair[1].length
+                              for group in pair if group.epochs_are_runs)
+    if stand_ins:
+        lines.append(f"A constant LR and nothing sized by the run's length: epoch k of {', '.join(stand_ins)} is a "
+                     "k-epoch run, so it stands for one beside runs of other lengths.")
     recipes = {tuple((k, v) for k, v in g.conditions if k == "recipe" or k.startswith(KNOB)) for g in groups}
     if len(recipes) > 1:
         lines.append("Train loss depends on the recipe (augmentation, label smoothing): read it within one "
