@@ -38,11 +38,12 @@
 #   DRY_RUN=1        tiny_resnet, synthetic data, fp32, dynamo's eager backend (CARDINAL_COMPILE_BACKEND=eager)
 #                    so that compiling costs seconds: the plumbing, not the speed; runs without a GPU
 #
-# Sizing (estimates; nothing of this was timed on a GPU yet): compiling resnet50's training step took
-# about 40-60 s on the H200 (one earlier --compile run: 77 s for the whole 2-epoch check); bench-compiled
-# compiles each of 2 archs x 2 batches once for cardinal and once for torchvision (the second mostly from
-# inductor's cache): about 4-5 minutes; the four accuracy runs compile at once (about 2-3 minutes with
-# their epochs); epoch-wall about 1.5 minutes; bench-eager and profile about 1 minute together.
+# Sizing, measured on one H200: bench-eager took 30 s and bench-compiled 125 s for resnet50 at batches 512
+# and 128 (cardinal's step compiled in 38 and 33 s, torchvision's then in 11 s from inductor's cache), and
+# 26 s and 78 s for resnext50_32x4d at 512 alone; so both archs at both batches take about 1 and 4-5
+# minutes. A compiled cardinal.train run on full-size data spent 101 s in its first epoch (compiling its
+# training shapes and evaluation), so epoch-wall needs about 2.5 minutes and the accuracy runs, compiling at
+# once, about 3-4 (estimates); profile about 1 minute.
 # shellcheck disable=SC2329  # the steps are called by name, "step_$name"
 set -u
 set -o pipefail
@@ -221,7 +222,7 @@ step_epoch_wall() {
     local started=$SECONDS
     ensure_data || { finish_step epoch-wall "$started" ""; return; }
     rm -rf "$OUT/wall"
-    PYTHONUNBUFFERED=1 run_step epoch-wall 240 bash -c "$(declare -f stamped); stamped \"\$@\"" stamped \
+    PYTHONUNBUFFERED=1 TORCH_LOGS=${TORCH_LOGS:-recompiles} run_step epoch-wall 240 bash -c "$(declare -f stamped); stamped \"\$@\"" stamped \
         "$PYTHON" -m cardinal.train "${TRAIN_FLAGS[@]}" "${DATA[@]}" --epochs "$WALL_EPOCHS" --compile \
         --output-dir "$OUT/wall" --run-name wall
     if [ "$LAST_RC" -eq 0 ]; then

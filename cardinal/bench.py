@@ -313,7 +313,7 @@ def build_parser() -> ArgumentParser:
                         help="flag a ratio whose repeats differ by more than this, in percent of their median")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile cardinal's step, and measure torchvision compiled the same way as a third "
-                             "peer (default: as cardinal.train decides, i.e. on CUDA only)")
+                             "peer (default: on CUDA)")
     parser.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
                         help="torch.compile mode (auto: as cardinal.train picks it for one process)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

@@ -74,6 +74,7 @@ from cardinal.runlock import check_fresh, check_not_symlink, run_lock
 from cardinal.speedups import (
     AUTO,
     COMPILE_MODES,
+    COMPILE_PAYS_FROM_IMAGES,
     compile_model,
     compile_request,
     fused_optimizer,
@@ -213,7 +214,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     how.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     how.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     how.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the model (default: on CUDA only; --no-compile to run eagerly)")
+                     help="torch.compile the model (default: on CUDA for runs of at least "
+                          f"{COMPILE_PAYS_FROM_IMAGES:,} training images (epochs x images), where compiling "
+                          "pays; --no-compile to run eagerly)")
     how.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
                      help="torch.compile mode (auto: reduce-overhead, i.e. CUDA graphs, for one CUDA process, "
                           "else default)")
@@ -518,7 +521,8 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     model, optimizer = accelerator.prepare(model, optimizer)
     plain = accelerator.unwrap_model(model)
     average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None
-    config = replace(config, compile=resolve_compile(config.compile, device.type, world))
+    config = replace(config, compile=resolve_compile(config.compile, device.type, world,
+                                                     planned_images=recipe.epochs * len(train_labels)))
     step_model = compile_model(model, plain, config.compile) if config.compile else None  # around DDP
     normalize = Normalize(recipe.mean, recipe.std, device, config.channels_last)
     loader = DeviceLoader(train_images, train_labels, recipe.batch_size, normalize, device,

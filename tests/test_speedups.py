@@ -19,6 +19,7 @@ from cardinal.records import TIMING_COLUMNS
 from cardinal.speedups import (
     ACCELERATE_BACKEND_ENV,
     BACKEND_ENV,
+    COMPILE_PAYS_FROM_IMAGES,
     compile_kwargs,
     compile_model,
     compile_request,
@@ -46,6 +47,13 @@ def no_compile_env(monkeypatch):
 ])
 def test_one_function_decides_whether_and_how_a_run_compiles(no_compile_env, requested, device, world, expected):
     assert resolve_compile(requested, device, world) == expected
+
+
+def test_by_default_a_cuda_run_compiles_only_when_long_enough_to_pay(no_compile_env):
+    assert resolve_compile(None, "cuda", 1, planned_images=COMPILE_PAYS_FROM_IMAGES) == "reduce-overhead"
+    assert resolve_compile(None, "cuda", 1, planned_images=10 * 40_000) is False  # 10 epochs of CIFAR
+    assert resolve_compile(True, "cuda", 1, planned_images=40_000) == "reduce-overhead"  # --compile wins
+    assert resolve_compile(None, "cpu", 1, planned_images=10 ** 9) is False
 
 
 def test_an_accelerate_config_that_asks_for_dynamo_compiles_by_default(monkeypatch):
