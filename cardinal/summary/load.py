@@ -289,10 +289,11 @@ def _planned_epochs(config: dict[str, Any] | None) -> int | None:
 
 def _epochs_are_runs(config: dict[str, Any] | None) -> bool:
     """Recipe.epochs_are_runs of the saved recipe; False when there is none or it cannot be rebuilt."""
-    saved = (config or {}).get("recipe", {})
+    if config is None:
+        return False
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config["recipe"].items() if k in RECIPE_FIELDS}
     try:
-        recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in RECIPE_FIELDS})
-        return bool(config) and recipe.epochs_are_runs
+        return Recipe(**saved).epochs_are_runs
     except (TypeError, ValueError):
         return False
 
