@@ -101,10 +101,14 @@ def train_epoch(
     on_step: Optional[StepCallback] = None,
     average: Optional[AveragedModel] = None,
     refresh_s: float = 1.0,
+    odd_batch_model: Optional[nn.Module] = None,
 ) -> TrainStats:
     """Train for one pass over ``loader`` (or ``max_steps`` optimizer steps, whichever ends first).
 
-    ``average`` (an EMA of the weights) takes in every step the optimizer applied.
+    ``average`` (an EMA of the weights) takes in every step the optimizer applied. ``odd_batch_model`` (the
+    eager model, sharing ``model``'s parameters, when ``model`` is compiled for static shapes) runs every
+    micro-batch whose size no micro-batch of the epoch's first step had: the epoch's shorter last batch then
+    costs one eager step instead of a second compilation (33-38 s a shape for resnet50 on an H200).
 
     Nothing in a step waits for the device: losses, correct counts and a non-finite flag add up on the
     device and are read once, at the end of the epoch, where a NaN/inf loss raises ``NonFiniteLoss`` on
@@ -122,16 +126,19 @@ def train_epoch(
     synchronize(device)
     start = time.perf_counter()
     next_refresh = start
+    compiled_sizes: Optional[set] = None  # the micro-batch sizes of the first step
     for images_share, labels_share, global_count in loader:
         if max_steps is not None and steps >= max_steps:
             break
         lr = lr_schedule.apply()
         micro = max(1, min(grad_accum, global_count // world))
         chunks = list(zip(images_share.tensor_split(micro), labels_share.tensor_split(micro)))
+        compiled_sizes = compiled_sizes or {len(targets) for _, targets in chunks}
         for index, (inputs, targets) in enumerate(chunks):
             last = index == len(chunks) - 1
-            with nullcontext() if last else accelerator.no_sync(model):
-                logits = model(inputs)
+            net = model if odd_batch_model is None or len(targets) in compiled_sizes else odd_batch_model
+            with nullcontext() if last else accelerator.no_sync(net):
+                logits = net(inputs)
                 plain, objective = losses(logits, targets, label_smoothing)
                 summed = objective.sum()
                 accelerator.backward(summed * (world / global_count))

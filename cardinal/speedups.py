@@ -11,7 +11,8 @@ launch replays a whole forward or backward) for one CUDA process, since a ResNet
 leaves the GPU idle most of the time while the CPU launches kernels one by one; with several processes it
 is ``default``: CUDA graphs and DDP's gradient hooks on BatchNorm modules are known not to mix (pytorch
 issues 128218, 139207). Shapes are compiled static (``dynamic=False``): every batch of an epoch but the
-last has the same shape, and evaluation pads its last batch to keep one shape.
+last has the same shape, the last, shorter one runs eagerly (``engine.train_epoch``'s ``odd_batch_model``),
+and evaluation pads its last batch to keep one shape.
 
 ``CARDINAL_COMPILE_BACKEND`` (e.g. ``aot_eager``) replaces inductor: tests trace the same graphs on a
 CPU without generating and compiling C++ (the mode then does not apply).

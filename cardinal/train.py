@@ -611,10 +611,11 @@ def run_epoch(session: Session, epoch: int, progress: Progress, steps_left: Opti
                               progress.schedule_step)
     started = time.perf_counter()
     try:
-        stepped = session.model if session.step_model is None else session.step_model
-        trained = train_epoch(session.accelerator, stepped, session.loader, session.optimizer, lr_schedule,
-                              config.recipe.label_smoothing, config.grad_accum, config.recipe.grad_clip,
-                              steps_left, on_step, session.average)
+        compiled = session.step_model is not None
+        trained = train_epoch(session.accelerator, session.step_model if compiled else session.model,
+                              session.loader, session.optimizer, lr_schedule, config.recipe.label_smoothing,
+                              config.grad_accum, config.recipe.grad_clip, steps_left, on_step, session.average,
+                              odd_batch_model=session.model if compiled else None)
     except NonFiniteLoss:
         session.report.end_epoch({})
         raise diverged(epoch, "the training loss", session, progress) from None

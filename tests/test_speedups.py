@@ -151,6 +151,28 @@ def test_a_training_epoch_reads_the_device_a_fixed_number_of_times(monkeypatch):
     assert all(loss is not None and loss > 0 for loss in shown) and len(shown) == 4
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_the_shorter_last_batch_runs_eagerly_instead_of_compiling_a_second_graph(grad_accum):
+    from torch._dynamo.utils import counters
+
+    def epoch(odd_batch_model: bool):
+        torch.manual_seed(0)
+        model = build_model("tiny_resnet")
+        compiled = torch.compile(model, backend="eager", dynamic=False)
+        optimizer = build_optimizer(model, Recipe())
+        torch._dynamo.reset()
+        counters.clear()
+        stats = train_epoch(Accelerator(cpu=True), compiled, _loader(Accelerator(cpu=True), 20), optimizer,
+                            ScheduledLR(optimizer, build_schedule(Recipe(), 1), 0.01), grad_accum=grad_accum,
+                            odd_batch_model=model if odd_batch_model else None)  # batches of 8, 8 and 4
+        return stats, counters["stats"]["unique_graphs"], model.fc.weight.detach().clone()
+
+    (shared, shared_graphs, shared_fc), (recompiled, recompiled_graphs, recompiled_fc) = epoch(True), epoch(False)
+    assert shared_graphs == 1 and recompiled_graphs == 2
+    assert shared.loss == pytest.approx(recompiled.loss) and shared.images == 20
+    torch.testing.assert_close(shared_fc, recompiled_fc)  # one step ran eagerly: the same update
+
+
 def _eval_split(count=21):
     images, labels = synthetic_split(count, seed=3)
     return images, labels, Normalize((0.5,) * 3, (0.25,) * 3, torch.device("cpu"), channels_last=True)
