@@ -2,7 +2,8 @@
 # How fast cardinal trains on one GPU, in one go, each step under its own time limit and with its own log:
 #
 #   1. bench-eager     python -m cardinal.bench --no-compile: cardinal's eager step (fused SGD) against
-#                      torchvision's eager loop, at each of BATCHES, for each of ARCHS (bf16, channels_last)
+#                      torchvision's eager loop, at each of BATCHES and at fast's default batch for 1 epoch
+#                      of the full-size data (the budget rule's), for each of ARCHS (bf16, channels_last)
 #   2. bench-compiled  python -m cardinal.bench --compile: cardinal's compiled step (the mode cardinal.train
 #                      picks: reduce-overhead, i.e. CUDA graphs) against torchvision eager and torchvision
 #                      compiled in the same mode; compile/warm-up seconds in their own columns
@@ -72,6 +73,7 @@ if [ "$DRY_RUN" = 1 ]; then
     PROFILE_FLAGS=(--batch-size 8 --steps 1 --warmup 1)
     export CARDINAL_COMPILE_BACKEND=${CARDINAL_COMPILE_BACKEND:-eager}
     DATA=(--dataset synthetic --synthetic-train 192 --synthetic-test 100 --eval-batch-size 64)
+    TRAIN_IMAGES=192
 else
     ARCHS=${ARCHS:-resnet50 resnext50_32x4d}
     BATCHES=${BATCHES:-128 512}
@@ -87,6 +89,7 @@ else
     DEVICE_FLAGS=()
     PROFILE_FLAGS=(--steps 3 --warmup 2)
     DATA=()  # set once the data exist
+    TRAIN_IMAGES=40000  # what cifar10_jpeg.py makes
 fi
 JPEG_TOOL=${JPEG_TOOL:-$REPO/../shared/tools/cifar10_jpeg.py}
 
@@ -115,6 +118,11 @@ OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || refuse "cannot enter $REPO"
 export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# fast's default batch for 1 epoch of the training data (the budget rule): bench-eager measures it too, for
+# the goal that it trains at >= 0.8x the fastest batch of the benches (its short runs do not compile)
+FAST_BATCH=$("$PYTHON" -c "from cardinal.budget import batch_for; print(batch_for($TRAIN_IMAGES, 1))" 2>/dev/null)
+EAGER_BATCHES=$BATCHES
+[[ " $BATCHES " == *" $FAST_BATCH "* ]] || EAGER_BATCHES="$BATCHES $FAST_BATCH"
 
 # --- how each step is run and recorded ---------------------------------------------------------------
 NAMES=() RESULTS=() SECONDS_TAKEN=() NOTES=()
@@ -172,16 +180,16 @@ TRAIN_FLAGS=(--arch "$TRAIN_ARCH" --recipe fast --batch-size "$TRAIN_BATCH" --mi
              --channels-last --no-export --no-progress)
 
 # --- the steps ---------------------------------------------------------------------------------------------
-bench() {  # name compile-flag
+bench() {  # name compile-flag limit batches
     local started=$SECONDS
-    # shellcheck disable=SC2086  # ARCHS and BATCHES are lists
-    run_step "$1" "$3" "$PYTHON" -m cardinal.bench "$2" --archs $ARCHS --batch-sizes $BATCHES \
+    # shellcheck disable=SC2086  # ARCHS and the batches are lists
+    run_step "$1" "$3" "$PYTHON" -m cardinal.bench "$2" --archs $ARCHS --batch-sizes $4 \
         --precisions "$PRECISION" --memory-formats channels_last --modes train --steps "$BENCH_STEPS" \
         --warmup "$BENCH_WARMUP" --repeats "$BENCH_REPEATS" "${DEVICE_FLAGS[@]}" --output "$OUT/$1.csv"
     finish_step "$1" "$started" "$1.csv"
 }
-step_bench_eager() { bench bench-eager --no-compile 120; }
-step_bench_compiled() { bench bench-compiled --compile 360; }
+step_bench_eager() { bench bench-eager --no-compile 120 "$EAGER_BATCHES"; }
+step_bench_compiled() { bench bench-compiled --compile 360 "$BATCHES"; }
 
 step_profile() {
     local started=$SECONDS
@@ -257,7 +265,8 @@ done
         printf '%-15s %-6s %6s  %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${SECONDS_TAKEN[$i]}" "${NOTES[$i]}"
     done
     echo
-    "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" bench "$OUT/bench-eager.csv" "$OUT/bench-compiled.csv" 2>/dev/null
+    "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" bench ${FAST_BATCH:+--fast-batch "$FAST_BATCH"} \
+        "$OUT/bench-eager.csv" "$OUT/bench-compiled.csv" 2>/dev/null
     [ -f "$OUT/epoch-wall.txt" ] && { echo; cat "$OUT/epoch-wall.txt"; }
     [ -f "$OUT/accuracy-summary.md" ] && { echo; cat "$OUT/accuracy-summary.md"; }
     echo

@@ -1,7 +1,11 @@
 """The lines of benchmarks/gpu_speed.sh's summary: bench ratios against their goals, and epoch wall times.
 
     python benchmarks/gpu_speed_report.py bench bench-eager.csv bench-compiled.csv
+    python benchmarks/gpu_speed_report.py bench --fast-batch 288 bench-eager.csv bench-compiled.csv
     python benchmarks/gpu_speed_report.py wall epoch-wall.log wall/epochs.csv
+
+``--fast-batch B`` adds, per arch, how fast batch B trains eagerly (fast's default batch: its short runs do
+not compile) against the fastest batch of either bench, compiled or not; the goal is 0.8x.
 
 ``wall`` reads a cardinal.train log whose lines carry the time they were printed (seconds, then a space):
 an epoch's row is printed after its training, evaluation, checkpoint and records, so the time from one row
@@ -16,6 +20,7 @@ import sys
 from pathlib import Path
 
 WALL_GOAL = 1.15
+DEFAULT_BATCH_GOAL = 0.8
 EPOCH_ROW = re.compile(r"\s*(\d+)\s+-?\d+\.\d+\s")  # "    2 2.2202  16.80 ..." (rich's epoch table)
 
 
@@ -44,6 +49,30 @@ def bench_lines(paths: list[str]) -> list[str]:
             lines.append(line + (" (noisy)" if row["noisy"] == "True" else ""))
     lines.append("goals (compiled): >= 1.3x torchvision eager at batch 512, >= 2x at 128, "
                  ">= 1.0x torchvision compiled")
+    return lines
+
+
+def default_batch_lines(paths: list[str], batch: int) -> list[str]:
+    """Per arch: batch ``batch`` eager against the fastest row of the benches."""
+    rows = []
+    for path in paths:
+        try:
+            rows += read_rows(path)
+        except OSError:
+            continue
+    speed = lambda row: float(row["cardinal_img_per_s"])  # noqa: E731
+    lines = []
+    for arch in dict.fromkeys(row["arch"] for row in rows):
+        mine = [r for r in rows if r["arch"] == arch]
+        eager = [r for r in mine if int(r["batch"]) == batch and r["compiled"] == "False"]
+        if not eager:
+            lines.append(f"  {arch}: batch {batch} was not benched eagerly")
+            continue
+        best = max(mine, key=speed)
+        how = "eager" if best["compiled"] == "False" else f"compiled ({best['compiled']})"
+        lines.append(f"  {arch}: fast's default batch {batch}, eager, {speed(eager[0]):.0f} img/s = "
+                     f"{speed(eager[0]) / speed(best):.2f}x the fastest bench row (batch {best['batch']}, {how}, "
+                     f"{speed(best):.0f} img/s; goal >= {DEFAULT_BATCH_GOAL}x)")
     return lines
 
 
@@ -80,7 +109,9 @@ def wall_lines(log_lines: list[str], rows: list[dict]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["bench"]:
+    if argv[:1] == ["bench"] and argv[1:2] == ["--fast-batch"] and len(argv) > 2 and argv[2].isdigit():
+        print("\n".join(bench_lines(argv[3:]) + default_batch_lines(argv[3:], int(argv[2]))))
+    elif argv[:1] == ["bench"]:
         print("\n".join(bench_lines(argv[1:])))
     elif argv[:1] == ["wall"] and len(argv) == 3:
         log = Path(argv[1]).read_text(errors="replace").splitlines()

@@ -317,6 +317,26 @@ def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
     assert report.wall_lines(log[:2], rows) == ["no epoch after the first to time"]
 
 
+def test_gpu_speed_report_sets_fast_default_batch_against_the_fastest_bench_row(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_speed_report as report
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    eager, compiled = tmp_path / "eager.csv", tmp_path / "compiled.csv"
+    pd.DataFrame([{"arch": "resnet50", "batch": 288, "compiled": False, "cardinal_img_per_s": 12000.0},
+                  {"arch": "resnet50", "batch": 512, "compiled": False, "cardinal_img_per_s": 16000.0},
+                  {"arch": "resnext50_32x4d", "batch": 512, "compiled": False, "cardinal_img_per_s": 12000.0}]
+                 ).to_csv(eager, index=False)
+    pd.DataFrame([{"arch": "resnet50", "batch": 512, "compiled": "reduce-overhead", "cardinal_img_per_s": 24000.0}]
+                 ).to_csv(compiled, index=False)
+    lines = report.default_batch_lines([str(eager), str(compiled), str(tmp_path / "absent.csv")], 288)
+    assert lines == [
+        "  resnet50: fast's default batch 288, eager, 12000 img/s = 0.50x the fastest bench row (batch 512, "
+        "compiled (reduce-overhead), 24000 img/s; goal >= 0.8x)",
+        "  resnext50_32x4d: batch 288 was not benched eagerly"]
+
+
 def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
