@@ -107,6 +107,12 @@ RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 WARMUP_KNOBS = ("warmup_epochs", "warmup_fraction")  # two ways to say one thing: the one given wins
 
 
+def saved_recipe(values: Dict[str, Any]) -> Recipe:
+    """The Recipe of a saved ``recipe`` object (JSON lists back to tuples, unknown keys left out); its values
+    are not validated here."""
+    return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in RECIPE_FIELDS})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs, saved as ``config.json`` beside its CSV."""
@@ -152,9 +158,8 @@ class TrainConfig:
         data = dict(data)
         recipe = data.pop("recipe")
         known = {f.name for f in fields(cls)}
-        recipe_values = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if k in RECIPE_FIELDS}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-        config = cls(recipe=Recipe(**recipe_values), **values)
+        config = cls(recipe=saved_recipe(recipe), **values)
         try:
             from cardinal.validate import validate_config  # every field, as the command line checks it
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cardinal.cli import MAX_SEED, CardinalError
-from cardinal.config import RECIPE_FIELDS, Recipe
+from cardinal.config import saved_recipe
 from cardinal.records import CONFIG_NAME, CSV_NAME, RUN_COLUMNS, speed_includes_warm_up, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
@@ -291,9 +291,8 @@ def _epochs_are_runs(config: dict[str, Any] | None) -> bool:
     """Recipe.epochs_are_runs of the saved recipe; False when there is none or it cannot be rebuilt."""
     if config is None:
         return False
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config["recipe"].items() if k in RECIPE_FIELDS}
     try:
-        return Recipe(**saved).epochs_are_runs
+        return saved_recipe(config["recipe"]).epochs_are_runs
     except (TypeError, ValueError):
         return False
 
