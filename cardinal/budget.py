@@ -36,7 +36,8 @@ Where the constants come from (fast recipe, resnet50; README, Recipes):
   33.6% val_acc), and at 10 epochs (1,300 steps) it reached 59.4% (one seed, CPU) against SGD's 56.4 ± 1.8%
   (3 seeds, GPU).
 
-Every other combination is an interpolation, pending measurement on full-size data at 1 and 5 epochs.
+Every other combination is an interpolation. On one H200, full-size data (40,000 images, 3 seeds), the rule's
+AdamW runs made 53.2%, 73.2% and 82.5% dev-test accuracy at 1, 5 and 10 epochs (README, Recipes).
 The resolved batch and LR are written to config.json, with ``budget_images``; a resumed run keeps them.
 """
 
