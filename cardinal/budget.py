@@ -48,7 +48,7 @@ from dataclasses import replace
 from typing import Tuple
 
 from cardinal.cli import CardinalError
-from cardinal.config import Recipe, validate_recipe
+from cardinal.config import ADAPTIVE_OPTIMIZERS, Recipe, validate_recipe
 
 MIN_STEPS_PER_EPOCH = 75
 MIN_STEPS_PER_RUN = 130
@@ -95,7 +95,7 @@ def adamw_peak_lr_for(batch: int) -> float:
 
 def lr_for(steps: int, batch: int, lr_scale_batch: int, optimizer: str = "sgd") -> float:
     """The ``lr`` knob (given for ``lr_scale_batch`` images when that is > 0) for this many steps at this batch."""
-    if optimizer == "adamw":
+    if optimizer in ADAPTIVE_OPTIMIZERS:
         per_256 = adamw_peak_lr_for(batch) * 256 / batch
     else:
         per_256 = lr_per_256_for(steps)

@@ -22,14 +22,17 @@ STUDY_STD = (0.2023, 0.1994, 0.2010)  # the reference study's constants (a widel
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the per-channel std of the CIFAR-10 training set
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "crop-flip")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "muon")
+ADAPTIVE_OPTIMIZERS = ("adamw", "muon")  # steps bounded by the LR; they share AdamW's LR rule and decay
 # Knobs that change meaning with the optimizer, set when a run switches to it (unless given too): AdamW's
 # weight decay is decoupled (scaled by its LR, about 1e-3), so SGD's L2 penalty of 5e-4 would do nothing;
 # and its per-coordinate step is bounded by the LR, so it needs no clip against a first large gradient
-# (it was measured without one; README, Recipes).
+# (it was measured without one; README, Recipes). Muon (cardinal.muon) is scaled to AdamW's update size and
+# takes AdamW's knobs.
 # SGD's are fast's measured SGD settings: an L2 penalty, and a clip at norm 1 (batch 512 diverges without).
 OPTIMIZER_KNOBS: Dict[str, Dict[str, Any]] = {"sgd": {"weight_decay": 5e-4, "grad_clip": 1.0},
-                                              "adamw": {"weight_decay": 0.05, "grad_clip": 0.0}}
+                                              "adamw": {"weight_decay": 0.05, "grad_clip": 0.0},
+                                              "muon": {"weight_decay": 0.05, "grad_clip": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Recipe:
     batch_size: int = 128  # global: summed over processes and accumulation steps
     lr: float = 0.01  # at batch_size, after scaling (see lr_scale_batch)
     lr_scale_batch: int = 0  # if > 0, lr is given for this batch and scaled linearly to batch_size
-    optimizer: str = "sgd"  # sgd, or adamw (momentum is its beta1; weight decay is decoupled)
+    optimizer: str = "sgd"  # sgd, adamw or muon (momentum is their beta1; weight decay is decoupled)
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -219,8 +222,8 @@ def validate_recipe(recipe: Recipe) -> None:
         (recipe.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
         (recipe.augment in AUGMENTATIONS, f"--augment must be one of {', '.join(AUGMENTATIONS)}"),
         (recipe.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
-        (recipe.optimizer == "sgd" or recipe.momentum < 1, f"--momentum is adamw's beta1 and must be below 1, "
-                                                             f"got {recipe.momentum}"),
+        (recipe.optimizer == "sgd" or recipe.momentum < 1, f"--momentum is {recipe.optimizer}'s beta1 and must "
+                                                             f"be below 1, got {recipe.momentum}"),
         (recipe.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {recipe.warmup_epochs}"),
         (0 <= recipe.warmup_fraction <= 1, f"--warmup-fraction must be in [0, 1], got {recipe.warmup_fraction}"),
         (not (recipe.warmup_fraction and recipe.warmup_epochs),

@@ -163,13 +163,14 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--optimizer", choices=OPTIMIZERS,
-         help=_recipe_help("optimizer", "sgd or adamw (--momentum is adamw's beta1; --nesterov is SGD's). "
-                                        "Switching sets, unless given, --weight-decay (adamw 0.05, decoupled; "
-                                        "sgd 5e-4) and --grad-clip (adamw 0, sgd 1); fast sizes either's LR, "
-                                        "seed needs --lr for adamw"))
-    knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum (adamw: beta1)"))
+         help=_recipe_help("optimizer", "sgd, adamw, or muon (Muon for the convolutions after the stem, "
+                                        "AdamW for the rest, sized like adamw; --momentum is their beta1; "
+                                        "--nesterov is SGD's and Muon's). Switching sets, unless given, "
+                                        "--weight-decay (adamw, muon 0.05, decoupled; sgd 5e-4) and --grad-clip "
+                                        "(adamw, muon 0; sgd 1); fast sizes each one's LR, seed needs --lr"))
+    knob("--momentum", type=finite_float, help=_recipe_help("momentum", "SGD momentum (adamw, muon: beta1)"))
     knob("--nesterov", action=argparse.BooleanOptionalAction,
-         help=_recipe_help("nesterov", "Nesterov momentum (SGD only)"))
+         help=_recipe_help("nesterov", "Nesterov momentum (SGD, and Muon's filters)"))
     knob("--weight-decay", type=finite_float, help=_recipe_help("weight_decay", "weight decay"))
     knob("--decay-norm-bias", dest="no_decay_norm_bias", action="store_false",
          help="apply weight decay to norm weights and biases too (seed recipe: yes)")
