@@ -17,6 +17,8 @@
 #   6. checkpoint-stall benchmarks/checkpoint_stall.py: how long a TRAIN_ARCH checkpoint (with a weight average)
 #                      holds the loop when written in it and when copied to page-locked memory and written
 #                      in the background (what cardinal.train does)
+#   7. optimizer-step  benchmarks/optimizer_step.py: one step of each --optimizer (sgd, adamw, muon) alone on
+#                      the ARCHS' parameters, to set beside the training step's time
 # then summary.txt: the ratios of each, and the goals they are read against.
 #
 #   benchmarks/gpu_speed.sh [OUTPUT_DIR]        # default: gpu-speed-<date>-<time>/
@@ -52,7 +54,7 @@ set -o pipefail
 PYTHON=${PYTHON:-python}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 DRY_RUN=${DRY_RUN:-0}
-ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall checkpoint-stall"
+ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall checkpoint-stall optimizer-step"
 STEPS=${ONLY:-$ALL_STEPS}
 SEEDS=${SEEDS:-0 1}
 WALL_EPOCHS=${WALL_EPOCHS:-3}
@@ -245,6 +247,14 @@ step_checkpoint_stall() {
     run_step checkpoint-stall 60 "$PYTHON" "$REPO/benchmarks/checkpoint_stall.py" --arch "$TRAIN_ARCH" --ema \
         --repeats 3 --folder "$OUT/checkpoint-stall"
     finish_step checkpoint-stall "$started" "$(tail -n 1 "$OUT/checkpoint-stall.log" 2>/dev/null)"
+}
+
+step_optimizer_step() {
+    local started=$SECONDS
+    # shellcheck disable=SC2086  # ARCHS is a list
+    run_step optimizer-step 60 "$PYTHON" "$REPO/benchmarks/optimizer_step.py" --archs $ARCHS \
+        "${DEVICE_FLAGS[@]}"
+    finish_step optimizer-step "$started" "$(grep -c '^optimizer_step,' "$OUT/optimizer-step.log" 2>/dev/null) timings"
 }
 
 # --- run them, then the summary ------------------------------------------------------------------------

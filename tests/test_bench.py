@@ -371,3 +371,15 @@ def test_layer_step_probe_steps_one_part_at_a_time_and_restores_the_weights():
     assert rows["classifier (fc)"][3] > baseline  # and a huge one on the classifier overshoots
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), before[name])
+
+
+def test_optimizer_step_benchmark_times_each_optimizer_on_the_real_parameter_groups(capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import optimizer_step
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    optimizer_step.main(["--archs", "tiny_resnet", "--steps", "1", "--repeats", "2", "--device", "cpu"])
+    rows = [line.split(",") for line in capsys.readouterr().out.splitlines() if line.startswith("optimizer_step,")]
+    assert [row[2] for row in rows] == ["sgd", "adamw", "muon"]
+    assert all(0 < float(row[3]) <= float(row[4]) for row in rows)  # best <= median, both timed
