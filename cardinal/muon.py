@@ -89,14 +89,13 @@ class Muon(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         momenta = [self._state_tensor(p, "momentum_buffer") for p in params]
         torch._foreach_lerp_(momenta, grads, 1 - group["momentum"])
-        updates = ([g.lerp(m, group["momentum"]) for g, m in zip(grads, momenta)] if group["nesterov"]
-                   else momenta)
+        updates = torch._foreach_lerp(grads, momenta, group["momentum"]) if group["nesterov"] else momenta
         decay_params(params, group["lr"], group["weight_decay"])
         for indices, orthogonal in orthogonalized_by_shape(updates, group["conv_groups"], group["ns_steps"]):
             rows, cols = orthogonal.shape[-2:]
-            for index, matrices in zip(indices, orthogonal.unflatten(0, (len(indices), -1))):
-                params[index].add_(matrices.reshape(params[index].shape).to(params[index].dtype),
-                                   alpha=-group["lr"] * rms_scale(rows, cols))
+            same_shape = [params[i] for i in indices]
+            steps = orthogonal.to(same_shape[0].dtype).reshape(len(indices), *same_shape[0].shape).unbind(0)
+            torch._foreach_add_(same_shape, steps, alpha=-group["lr"] * rms_scale(rows, cols))
 
     def _adamw_step(self, group: Dict, params: List[Tensor]) -> None:
         beta1, beta2 = group["betas"]
