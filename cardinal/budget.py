@@ -10,10 +10,10 @@ The rule is two steps:
    (40,000 images: 512), except a 1-epoch run, whose 79 steps at 512 are too few (288: 139 steps).
 2. **Peak LR from the optimizer.** AdamW (fast's) normalises its step per coordinate: ``ADAMW_PEAK_LR`` at batch
    ``ADAMW_PEAK_BATCH``, scaled by the square root of the batch (the usual rule for adaptive optimizers), the
-   same at every length. SGD's follows the run's ``S = E * ceil(N / batch)`` steps: per 256 images a function
-   of ``S`` (``LR_BY_STEPS``), a straight line in log-log between anchors and flat outside them, scaled
-   linearly to the batch, and never above ``MAX_PEAK_LR``; a short SGD run wants a low peak, a long one a
-   high one.
+   same at every length. Muon's update is scaled to AdamW's size (``cardinal.muon``), so it takes the same.
+   SGD's follows the run's ``S = E * ceil(N / batch)`` steps: per 256 images a function of ``S``
+   (``LR_BY_STEPS``), a straight line in log-log between anchors and flat outside them, scaled linearly to
+   the batch, and never above ``MAX_PEAK_LR``; a short SGD run wants a low peak, a long one a high one.
 
 Where the constants come from (fast recipe, resnet50; README, Recipes):
 
