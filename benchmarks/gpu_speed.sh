@@ -278,6 +278,7 @@ done
     "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" bench ${FAST_BATCH:+--fast-batch "$FAST_BATCH"} \
         "$OUT/bench-eager.csv" "$OUT/bench-compiled.csv" 2>/dev/null
     [ -f "$OUT/epoch-wall.txt" ] && { echo; cat "$OUT/epoch-wall.txt"; }
+    [ -f "$OUT/optimizer-step.log" ] && { echo; sed -n '/optimizer step alone/,$p' "$OUT/optimizer-step.log"; }
     [ -f "$OUT/accuracy-summary.md" ] && { echo; cat "$OUT/accuracy-summary.md"; }
     echo
     echo "total: $((SECONDS - STARTED)) s; logs: $OUT/<step>.log"
