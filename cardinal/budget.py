@@ -10,7 +10,8 @@ The rule is two steps:
    (40,000 images: 512), except a 1-epoch run, whose 79 steps at 512 are too few (288: 139 steps).
 2. **Peak LR from the optimizer.** AdamW (fast's) normalises its step per coordinate: ``ADAMW_PEAK_LR`` at batch
    ``ADAMW_PEAK_BATCH``, scaled by the square root of the batch (the usual rule for adaptive optimizers), the
-   same at every length. Muon's update is scaled to AdamW's size (``cardinal.muon``), so it takes the same.
+   same at every length. Muon's update is scaled to AdamW's size (``cardinal.muon``), so it takes the same
+   rule, times ``MUON_LR_FACTOR``.
    SGD's follows the run's ``S = E * ceil(N / batch)`` steps: per 256 images a function of ``S``
    (``LR_BY_STEPS``), a straight line in log-log between anchors and flat outside them, scaled linearly to
    the batch, and never above ``MAX_PEAK_LR``; a short SGD run wants a low peak, a long one a high one.
@@ -58,6 +59,7 @@ LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (790, 0.4), (1300, 1.6
 MAX_PEAK_LR = 1.6  # after scaling to the batch
 ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (README, Recipes)
 ADAMW_PEAK_BATCH = 256
+MUON_LR_FACTOR = 2  # Muon's peak over AdamW's: on the sample, 1x lost 3.8 points to 2x at 1 epoch (README, Recipes)
 SIZED_KNOBS = ("batch_size", "lr")
 
 
@@ -96,7 +98,7 @@ def adamw_peak_lr_for(batch: int) -> float:
 def lr_for(steps: int, batch: int, lr_scale_batch: int, optimizer: str = "sgd") -> float:
     """The ``lr`` knob (given for ``lr_scale_batch`` images when that is > 0) for this many steps at this batch."""
     if optimizer in ADAPTIVE_OPTIMIZERS:
-        per_256 = adamw_peak_lr_for(batch) * 256 / batch
+        per_256 = adamw_peak_lr_for(batch) * 256 / batch * (MUON_LR_FACTOR if optimizer == "muon" else 1)
     else:
         per_256 = lr_per_256_for(steps)
         cap = MAX_PEAK_LR * 256 / batch  # the cap, per 256 images
@@ -136,5 +138,6 @@ def describe_lr() -> str:
     """For --help."""
     anchors = ", ".join(f"{lr} at {steps}" for steps, lr in LR_BY_STEPS)
     return (f"sized by the optimizer and the run: AdamW {ADAMW_PEAK_LR:g} at batch {ADAMW_PEAK_BATCH}, times "
-            f"sqrt(batch / {ADAMW_PEAK_BATCH}); SGD per 256 images by the optimizer steps S, {anchors} steps, "
-            f"log-log between, flat outside, at most {MAX_PEAK_LR} after scaling")
+            f"sqrt(batch / {ADAMW_PEAK_BATCH}) (Muon {MUON_LR_FACTOR}x that); SGD per 256 images by the "
+            f"optimizer steps S, {anchors} steps, log-log between, flat outside, at most {MAX_PEAK_LR} after "
+            f"scaling")

@@ -5,7 +5,7 @@ which a filter bank's gradient is largest. Muon replaces each filter bank's mome
 semi-orthogonal matrix (five Newton-Schulz iterations in bf16), so every direction of the update moves at
 the same rate. Its update is scaled to AdamW's typical per-coordinate size (0.2 * sqrt(max(rows, cols)),
 ``match_rms_adamw`` in ``torch.optim.Muon``), so one LR and one decoupled weight decay serve both halves and
-the budget rule's AdamW LR carries over.
+the budget rule sizes it from AdamW's LR (``cardinal.budget.MUON_LR_FACTOR``).
 
 Which parameters take which: a convolution's weight, viewed as (out channels, in channels x kernel), is a
 matrix and takes Muon; a grouped convolution (ResNeXt's) is one such matrix per group, since it maps each

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cardinal.budget import resolve
+from cardinal.budget import MUON_LR_FACTOR, resolve
 from cardinal.config import Recipe, resolve_recipe
 from cardinal.muon import Muon, filter_banks, orthogonalize
 from cardinal.optim import build_optimizer
@@ -117,11 +117,12 @@ def test_a_reloaded_muon_continues_as_if_never_stopped():
         torch.testing.assert_close(a, b)
 
 
-def test_switching_fast_to_muon_keeps_adamws_sizing_and_decay():
+def test_switching_fast_to_muon_keeps_adamws_decay_and_sizes_its_lr_from_adamws():
     muon, adamw = resolve_recipe("fast", {"optimizer": "muon"}), resolve_recipe("fast", {})
     assert (muon.optimizer, muon.weight_decay, muon.grad_clip, muon.sized_by_budget) == (
         "muon", adamw.weight_decay, 0.0, adamw.sized_by_budget)
     for images in (4160, 40000):
         sized, reference = resolve(muon, images), resolve(adamw, images)
-        assert (sized.batch_size, sized.lr) == (reference.batch_size, reference.lr)
+        assert sized.batch_size == reference.batch_size
+        assert sized.lr == pytest.approx(MUON_LR_FACTOR * reference.lr, rel=1e-3)
     assert resolve_recipe("seed", {"optimizer": "muon", "lr": 1e-3}).weight_decay == 0.05
