@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Tuple, Union
 
 from cardinal.cli import CardinalError
+from cardinal.models import STEM_INITS
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 STUDY_STD = (0.2023, 0.1994, 0.2010)  # the reference study's constants (a widely copied approximation)
@@ -59,6 +60,7 @@ class Recipe:
     mean: Tuple[float, float, float] = CIFAR10_MEAN
     std: Tuple[float, float, float] = STUDY_STD
     zero_init_residual: bool = False
+    stem_init: str = "kaiming"  # kaiming or conv-default (cardinal.models.STEM_INITS)
     grad_clip: float = 0.0
     head_lr_scale: float = 1.0  # the classifier's (fc) LR as a multiple of the run's LR
     val_images: float = 0  # training images held out for validation: a count (>= 1) or a fraction (< 1)
@@ -233,6 +235,7 @@ def validate_recipe(recipe: Recipe) -> None:
         (recipe.val_images >= 0 and (recipe.val_images < 1 or float(recipe.val_images).is_integer()),
          f"--val-images must be a count (0, 1, 2, ...) or a fraction below 1, got {recipe.val_images}"),
         (recipe.crop_padding >= 0, f"--crop-padding must be >= 0, got {recipe.crop_padding}"),
+        (recipe.stem_init in STEM_INITS, f"--stem-init must be one of {', '.join(STEM_INITS)}"),
         (len(recipe.mean) == 3 and len(recipe.std) == 3 and min(recipe.std) > 0,
          "--mean and --std take three values each, std positive"),
         (recipe.grad_clip >= 0, f"--grad-clip must be >= 0, got {recipe.grad_clip}"),

@@ -13,10 +13,14 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 from torchvision.models.resnet import ResNet
 
-from cardinal.models import arch_settings
+from cardinal.models import STEM_INITS, arch_settings
 
 
-def torchvision_model(arch: str, num_classes: int = 10, stem: str = "cifar") -> ResNet:
+def torchvision_model(arch: str, num_classes: int = 10, stem: str = "cifar", stem_init: str = "conv-default") -> ResNet:
+    """``stem_init="conv-default"`` leaves the swapped-in stem convolution as nn.Conv2d starts it, as swapping
+    a CIFAR stem into torchvision's built model does; every other convolution starts as torchvision's do."""
+    if stem_init not in STEM_INITS:
+        raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {', '.join(STEM_INITS)}")
     settings = arch_settings(arch)
     layers = settings["layers"]
     groups = settings.get("groups", 1)
@@ -42,6 +46,6 @@ def torchvision_model(arch: str, num_classes: int = 10, stem: str = "cifar") -> 
         setattr(model, f"layer{index + 1}", stage)
     model.fc = nn.Linear(model.inplanes, num_classes)
     for module in model.modules():
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.Conv2d) and (module is not model.conv1 or stem_init == "kaiming"):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     return model

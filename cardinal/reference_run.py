@@ -176,7 +176,7 @@ def write_rows(run_dir: Path, rows: List[Dict[str, Any]]) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.reference_run", description=__doc__.split("\n")[0])
-    from cardinal.models import list_archs
+    from cardinal.models import STEM_INITS, list_archs
     from cardinal.train import run_name_arg
 
     parser.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
@@ -191,6 +191,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--init-weights", default=None,
                         help="start from this state_dict file (cardinal's and this model's names match; "
                              "default: torchvision's random initialisation)")
+    parser.add_argument("--stem-init", choices=STEM_INITS, default="conv-default",
+                        help="the stem convolution's start: conv-default (a fresh nn.Conv2d's, as torchvision's "
+                             "model with a CIFAR stem swapped in has) or kaiming (as cardinal's --stem-init kaiming)")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     parser.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch")
     parser.add_argument("--limit-batches", type=non_negative_int, default=0, help="training steps per epoch (0: all)")
@@ -205,9 +208,10 @@ def build_parser() -> ArgumentParser:
 def run_config(args, run_name: str) -> TrainConfig:
     """config.json in cardinal's shape: the protocol's knobs and the setup, for the summary's conditions."""
     return TrainConfig(arch=args.arch, dataset=args.dataset, recipe_name=RECIPE_NAME,
-                       recipe=replace(PROTOCOL, epochs=args.epochs), seed=args.seed, data_dir=str(args.data_dir),
-                       download=False, synthetic_train=args.synthetic_train, synthetic_test=args.synthetic_test,
-                       synthetic_classes=args.synthetic_classes, output_dir=str(args.output_dir), run_name=run_name,
+                       recipe=replace(PROTOCOL, epochs=args.epochs, stem_init=args.stem_init), seed=args.seed,
+                       data_dir=str(args.data_dir), download=False, synthetic_train=args.synthetic_train,
+                       synthetic_test=args.synthetic_test, synthetic_classes=args.synthetic_classes,
+                       output_dir=str(args.output_dir), run_name=run_name,
                        eval_batch_size=args.eval_batch_size, limit_batches=args.limit_batches,
                        limit_eval_batches=args.limit_eval_batches, init_weights=args.init_weights, export=False,
                        progress=False)
@@ -232,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         use_cpu_threads(1)  # as cardinal.train does for one process, so both name the device alike
     (train_images, train_labels), (test_images, test_labels), classes = load_data(args)
     generator = seed_everything(args.seed)
-    model = torchvision_model(args.arch, num_classes=classes)
+    model = torchvision_model(args.arch, num_classes=classes, stem_init=args.stem_init)
     cost = model_cost(model, (3, 32, 32))
     if args.init_weights:
         load_weights(model, args.init_weights, f"{args.arch} with {classes} classes")

@@ -67,7 +67,7 @@ from cardinal.engine import (
     train_epoch,
 )
 from cardinal.fileio import write_text_atomic
-from cardinal.models import build_model, list_archs
+from cardinal.models import STEM_INITS, build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
 from cardinal.runlock import check_fresh, check_not_symlink, run_lock
@@ -194,6 +194,10 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob("--std", type=positive_float, nargs=3, help=_recipe_help("std", "normalization std (R G B)"))
     knob("--zero-init-residual", action=argparse.BooleanOptionalAction,
          help=_recipe_help("zero_init_residual", "zero the last BN of each block"))
+    knob("--stem-init", choices=STEM_INITS,
+         help=_recipe_help("stem_init", "the stem convolution's start: kaiming (as every other convolution) or "
+                                        "conv-default (a fresh nn.Conv2d's, as in torchvision's model with a "
+                                        "CIFAR stem swapped in)"))
     knob("--grad-clip", type=finite_float, help=_recipe_help("grad_clip", "max gradient norm (0: off)"))
     knob("--head-lr-scale", type=finite_float, metavar="F",
          help=_recipe_help("head_lr_scale", "the classifier's (fc) LR as a fraction of the run's LR"))
@@ -508,7 +512,8 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
                             f"({world} x {config.grad_accum})")
     num_classes = num_classes_of(config.dataset, config.synthetic_classes)
 
-    model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual)
+    model = build_model(config.arch, num_classes=num_classes, zero_init_residual=recipe.zero_init_residual,
+                        stem_init=recipe.stem_init)
     cost = model_cost(model, IMAGE_SIZE)
     if config.init_weights:
         load_weights(model, config.init_weights, f"{config.arch} with {num_classes} classes")

@@ -126,3 +126,24 @@ def test_channels_last_matches_nchw(arch):
 def test_public_api_is_exported():
     for name in ("build_model", "list_archs", "Bottleneck", "BottleneckStack", "__version__"):
         assert hasattr(cardinal, name)
+
+
+@pytest.mark.parametrize("build", ["cardinal", "torchvision"])
+def test_the_stem_starts_as_kaiming_or_as_a_fresh_convolution(build):
+    from cardinal.reference import torchvision_model
+
+    def stem_and_body(stem_init):
+        torch.manual_seed(0)
+        model = (build_model("resnet50", stem_init=stem_init) if build == "cardinal"
+                 else torchvision_model("resnet50", stem_init=stem_init))
+        return model.conv1.weight.detach(), model.layer1[0].conv2.weight.detach()
+
+    kaiming, body = stem_and_body("kaiming")
+    fresh, _ = stem_and_body("conv-default")
+    fan_in, fan_out = 3 * 3 * 3, 64 * 3 * 3
+    assert kaiming.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)  # normal, sqrt(2 / fan_out)
+    bound = fan_in ** -0.5  # nn.Conv2d's own start: uniform within 1 / sqrt(fan_in)
+    assert fresh.abs().max().item() <= bound and fresh.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.1)
+    assert body.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)  # the rest stays kaiming
+    with pytest.raises(ValueError, match="stem_init"):
+        stem_and_body("zeros")
