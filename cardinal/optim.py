@@ -63,8 +63,8 @@ def build_optimizer(model: nn.Module, recipe: Recipe, fused: Optional[bool] = No
         optimizer: torch.optim.Optimizer = Muon(groups, lr=recipe.effective_lr(), momentum=recipe.momentum,
                                                 nesterov=recipe.nesterov, betas=(recipe.momentum, 0.999))
     elif recipe.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=recipe.effective_lr(),
-                                                             betas=(recipe.momentum, 0.999), fused=fused)
+        optimizer = torch.optim.AdamW(groups, lr=recipe.effective_lr(), betas=(recipe.momentum, 0.999),
+                                      fused=fused)
     else:
         optimizer = torch.optim.SGD(groups, lr=recipe.effective_lr(), momentum=recipe.momentum,
                                     nesterov=recipe.nesterov and recipe.momentum > 0, fused=fused)
