@@ -193,7 +193,7 @@ def build_parser() -> ArgumentParser:
                              "default: torchvision's random initialisation)")
     parser.add_argument("--stem-init", choices=STEM_INITS, default="conv-default",
                         help="the stem convolution's start: conv-default (a fresh nn.Conv2d's, as torchvision's "
-                             "model with a CIFAR stem swapped in has) or kaiming (as cardinal's --stem-init kaiming)")
+                             "model with a CIFAR stem swapped in has; the default) or kaiming (as cardinal's)")
     parser.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     parser.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch")
     parser.add_argument("--limit-batches", type=non_negative_int, default=0, help="training steps per epoch (0: all)")
