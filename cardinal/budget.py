@@ -49,7 +49,7 @@ from dataclasses import replace
 from typing import Tuple
 
 from cardinal.cli import CardinalError
-from cardinal.config import ADAPTIVE_OPTIMIZERS, Recipe, validate_recipe
+from cardinal.config import Recipe, validate_recipe
 
 MIN_STEPS_PER_EPOCH = 75
 MIN_STEPS_PER_RUN = 130
@@ -60,6 +60,7 @@ MAX_PEAK_LR = 1.6  # after scaling to the batch
 ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (README, Recipes)
 ADAMW_PEAK_BATCH = 256
 MUON_LR_FACTOR = 2  # Muon's peak over AdamW's: on the sample at 1 epoch, 2x beat 1x by 3.2 points (README, Recipes)
+ADAPTIVE_PEAK_FACTOR = {"adamw": 1, "muon": MUON_LR_FACTOR}  # the optimizers sized by AdamW's rule, times this
 SIZED_KNOBS = ("batch_size", "lr")
 
 
@@ -97,8 +98,8 @@ def adamw_peak_lr_for(batch: int) -> float:
 
 def lr_for(steps: int, batch: int, lr_scale_batch: int, optimizer: str = "sgd") -> float:
     """The ``lr`` knob (given for ``lr_scale_batch`` images when that is > 0) for this many steps at this batch."""
-    if optimizer in ADAPTIVE_OPTIMIZERS:
-        per_256 = adamw_peak_lr_for(batch) * 256 / batch * (MUON_LR_FACTOR if optimizer == "muon" else 1)
+    if optimizer in ADAPTIVE_PEAK_FACTOR:
+        per_256 = adamw_peak_lr_for(batch) * 256 / batch * ADAPTIVE_PEAK_FACTOR[optimizer]
     else:
         per_256 = lr_per_256_for(steps)
         cap = MAX_PEAK_LR * 256 / batch  # the cap, per 256 images

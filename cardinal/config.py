@@ -24,7 +24,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # the per-channel std of the CIFAR-10 tr
 SCHEDULES = ("constant", "cosine", "onecycle")
 AUGMENTATIONS = ("none", "crop-flip")
 OPTIMIZERS = ("sgd", "adamw", "muon")
-ADAPTIVE_OPTIMIZERS = ("adamw", "muon")  # steps bounded by the LR, decay decoupled; sized by AdamW's LR rule
 # Knobs that change meaning with the optimizer, set when a run switches to it (unless given too): AdamW's
 # weight decay is decoupled (scaled by its LR, about 1e-3), so SGD's L2 penalty of 5e-4 would do nothing;
 # and its per-coordinate step is bounded by the LR, so it needs no clip against a first large gradient
