@@ -25,6 +25,11 @@ STEMS = ("cifar", "imagenet")
 STEM_INITS = ("kaiming", "conv-default")
 
 
+def check_stem_init(stem_init: str) -> None:
+    if stem_init not in STEM_INITS:
+        raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {', '.join(STEM_INITS)}")
+
+
 class Bottleneck(nn.Module):
     """1x1 reduce -> 3x3 (grouped, carries the stride) -> 1x1 expand, plus the shortcut.
 
@@ -102,8 +107,7 @@ class BottleneckStack(nn.Module):
             raise ValueError(f"layers must be four positive stage depths, got {layers}")
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-        if stem_init not in STEM_INITS:
-            raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {', '.join(STEM_INITS)}")
+        check_stem_init(stem_init)
         if min(groups, width_per_group, stem_width, base_planes, num_classes) < 1:
             raise ValueError("groups, width_per_group, stem_width, base_planes and num_classes must be >= 1")
         norm_layer = norm_layer or nn.BatchNorm2d

@@ -13,14 +13,13 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck as TorchvisionBottleneck
 from torchvision.models.resnet import ResNet
 
-from cardinal.models import STEM_INITS, arch_settings
+from cardinal.models import arch_settings, check_stem_init
 
 
 def torchvision_model(arch: str, num_classes: int = 10, stem: str = "cifar", stem_init: str = "conv-default") -> ResNet:
     """``stem_init="conv-default"`` leaves the swapped-in stem convolution as nn.Conv2d starts it, as swapping
     a CIFAR stem into torchvision's built model does; every other convolution starts as torchvision's do."""
-    if stem_init not in STEM_INITS:
-        raise ValueError(f"unknown stem_init {stem_init!r}; choose one of {', '.join(STEM_INITS)}")
+    check_stem_init(stem_init)
     settings = arch_settings(arch)
     layers = settings["layers"]
     groups = settings.get("groups", 1)
