@@ -300,9 +300,9 @@ def build_parser() -> ArgumentParser:
                         metavar="ARCH", help=f"architectures: {', '.join(list_archs())}")
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[128], help="batch sizes")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["no", "bf16"],
-                        help="autocast precisions")
+                        metavar="PREC", help=f"autocast precisions: {', '.join(PRECISIONS)}")
     parser.add_argument("--memory-formats", nargs="+", choices=list(FORMATS), default=["channels_last"],
-                        help="memory formats")
+                        metavar="FORMAT", help=f"memory formats: {', '.join(FORMATS)}")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--steps", type=positive_int, default=5, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
@@ -314,8 +314,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile cardinal's step, and measure torchvision compiled the same way as a third "
                              "peer (default: on CUDA)")
-    parser.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
-                        help="torch.compile mode (auto: as cardinal.train picks it for one process)")
+    parser.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO, metavar="MODE",
+                        help=f"torch.compile mode: {', '.join((AUTO, *COMPILE_MODES))} (auto: as cardinal.train "
+                             "picks it for one process)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("bench.csv"), help="CSV file to write")
     return parser

@@ -19,15 +19,15 @@ The rule is two steps:
 Where the constants come from (fast recipe, resnet50; README, Recipes):
 
 - 75 steps an epoch lies between the 65 of batch 64 on the sample, which lost to batch 32's 130 at 1 epoch
-  (20.6% against 26.4% val_acc, measured on a CPU), and the 78.1 of batch 512 on 40,000 images, which reached
-  84.4% test accuracy at 10 epochs (measured on one H200).
+  (20.6% against 26.4% val_acc, measured on a CPU), and the 98 of batch 512 on the 50,000 training images,
+  which reached 84.4% test accuracy at 10 epochs (measured on one H200).
 - 130 steps in the run: the sample's 1-epoch run at batch 32 (130 steps) beat batch 64 (65 steps), as above,
   and on 35,000 full-size images 1 epoch at batch 256 (137 steps) beat batch 512 (69 steps): 39.6% against
   38.1% val_acc with SGD, 53.3% against 47.0% with AdamW (one seed each, measured on a CPU).
 - SGD (390 steps, 0.1): the sample at batch 32 for 1 and 3 epochs (130 and 390 steps). Measured: 0.1 won at 1
   epoch; at 3, 0.1, 0.2 and 0.4 were within noise.
-- (790 steps, 0.4): 40,000 images at batch 512 for 10 epochs. Measured, one seed: 84.4%; the only other run
-  (1.6 at batch 256, 1,570 steps) reached 82.6%. Provisional: no LR sweep at batch 512 yet.
+- (980 steps, 0.4): the 50,000 training images at batch 512 for 10 epochs. Measured, one seed: 84.4%; the
+  only other run (1.6 at batch 256, 1,960 steps) reached 82.6%. Provisional: no LR sweep at batch 512 yet.
 - (1,300 steps, 1.6): the sample at batch 32 for 10 epochs. Measured over 3 seeds; 1.6 was the largest LR
   tried, and every doubling up to it helped.
 - ``MAX_PEAK_LR`` 1.6: the largest peak LR (after scaling) any measured run used; above it nothing was run.
@@ -55,7 +55,7 @@ MIN_STEPS_PER_EPOCH = 75
 MIN_STEPS_PER_RUN = 130
 BATCH_STEP = 32  # batches are multiples of this (tensor-core friendly, divisible by 2, 4, 8 processes)
 BATCH_RANGE = (32, 512)
-LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (790, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
+LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (980, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
 MAX_PEAK_LR = 1.6  # after scaling to the batch
 ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (README, Recipes)
 ADAMW_PEAK_BATCH = 256

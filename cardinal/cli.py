@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import textwrap
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Callable, NoReturn, Optional, Sequence
 
@@ -35,6 +36,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or isinstance(action, argparse.BooleanOptionalAction)):
             return text
         return f"{text} (default: {_shown(default)})"
+
+    def _split_lines(self, text: str, width: int) -> list:
+        """Wrapped as argparse does, but never inside a hyphenated flag name (``--grad-`` / ``clip``)."""
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 def _shown(value) -> str:

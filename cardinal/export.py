@@ -296,7 +296,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--image-size", type=positive_int, default=32, help="input height and width")
     parser.add_argument("--output-dir", type=Path, default=Path("exported"), help="where files are written")
     parser.add_argument("--name", default=None, help="file name stem (default: the arch name)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), help="what to write")
+    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FORMAT",
+                        help=f"what to write: {', '.join(FORMATS)}")
     parser.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                         help="normalisation mean, for weights that carry none (default: the weights' own; "
                              "for weights without any, the seed recipe's)")

@@ -197,7 +197,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     parser.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch")
     parser.add_argument("--limit-batches", type=non_negative_int, default=0, help="training steps per epoch (0: all)")
-    parser.add_argument("--limit-eval-batches", type=non_negative_int, default=0,
+    parser.add_argument("--limit-eval-batches", type=non_negative_int, default=0, metavar="N",
                         help="evaluation batches per epoch (0: all)")
     parser.add_argument("--output-dir", default="runs", help="parent folder of run folders")
     parser.add_argument("--run-name", type=run_name_arg, default="",

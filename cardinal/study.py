@@ -43,7 +43,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--launcher", default=None,
                         help="command that starts a training run, e.g. 'accelerate launch --config_file X' "
                              "(default: accelerate launch from this Python environment)")
-    parser.add_argument("--report-epochs", nargs="+", type=positive_int, default=None,
+    parser.add_argument("--report-epochs", nargs="+", type=positive_int, default=None, metavar="N",
                         help="epochs in the summary table (default: 1, 5 and the last)")
     parser.add_argument("--summary-format", choices=("table", "markdown", "csv"), default="table",
                         help="format of the summary (also written to OUTPUT_DIR/summary.<ext>)")

@@ -159,7 +159,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     knob = lambda flag, **kw: recipe.add_argument(flag, default=argparse.SUPPRESS, **kw)  # noqa: E731
     knob("--epochs", type=positive_int, help=_recipe_help("epochs", "epochs to train"))
     knob("--batch-size", type=positive_int, help=_recipe_help("batch_size", "global batch per optimizer step"))
-    knob("--lr", type=positive_float, help=_recipe_help("lr", f"learning rate (at most {MAX_LR:g})"))
+    knob("--lr", type=positive_float, help=_recipe_help("lr", f"learning rate (at most {MAX_LR:g}), for "
+                                                          "--lr-scale-batch images where that is > 0 (fast: "
+                                                          "per 256)"))
     knob("--lr-scale-batch", type=non_negative_int,
          help=_recipe_help("lr_scale_batch", "if > 0, --lr is for this batch and scales linearly"))
     knob("--optimizer", choices=OPTIMIZERS,
@@ -222,9 +224,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                      help="torch.compile the model (default: on CUDA for runs of at least "
                           f"{COMPILE_PAYS_FROM_IMAGES:,} training images (epochs x images), where compiling "
                           "pays; --no-compile to run eagerly)")
-    how.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO,
-                     help="torch.compile mode (auto: reduce-overhead, i.e. CUDA graphs, for one CUDA process, "
-                          "else default)")
+    how.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO, metavar="MODE",
+                     help=f"torch.compile mode: {', '.join((AUTO, *COMPILE_MODES))} (auto: reduce-overhead, i.e. "
+                          "CUDA graphs, for one CUDA process, else default)")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
     how.add_argument("--max-steps", type=non_negative_int, default=0,

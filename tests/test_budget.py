@@ -29,7 +29,8 @@ def test_the_sample_keeps_the_batch_and_lrs_it_was_tuned_with():
 def test_full_size_data_gets_a_gpu_sized_batch_and_the_measured_10_epoch_lr():
     assert [sized(epochs, FULL_TRAIN).batch_size for epochs in (1, 2, 5, 10, 30)] == [288] + [512] * 4
     assert sized(1, 35000).batch_size == 256  # 137 steps: the measured 1-epoch batch (5,000 held out)
-    assert sized(10, FULL_TRAIN).lr == 0.4  # 790 steps: the measured full-data anchor
+    assert sized(10, 50000).lr == 0.4  # 980 steps at batch 512: the measured full-data anchor
+    assert sized(10, FULL_TRAIN).lr == 0.289  # 790 steps: between the anchors, in log-log
     assert sized(1, FULL_TRAIN).lr == 0.1  # 139 steps: below the first anchor, flat
     assert sized(30, FULL_TRAIN).effective_lr() == pytest.approx(budget.MAX_PEAK_LR)  # capped after scaling
 
@@ -125,7 +126,7 @@ def test_adamw_gets_its_own_peak_scaled_by_the_square_root_of_the_batch():
 def test_help_states_the_rule():
     text = " ".join(train_module.build_parser().format_help().split())
     assert f">= {budget.MIN_STEPS_PER_EPOCH} steps an epoch and >= {budget.MIN_STEPS_PER_RUN} in the run" in text
-    assert "0.1 at 390, 0.4 at 790, 1.6 at 1300 steps" in text
+    assert "0.1 at 390, 0.4 at 980, 1.6 at 1300 steps" in text
     assert f"AdamW {budget.ADAMW_PEAK_LR:g} at batch {budget.ADAMW_PEAK_BATCH}" in text
 
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from cardinal.records import ConsoleReport
 
 COMMANDS = ["cardinal.train", "cardinal.summary", "cardinal.study", "cardinal.bench", "cardinal.export",
-            "cardinal.profile"]
+            "cardinal.profile", "cardinal.reference_run"]
 
 
 @pytest.mark.parametrize("module", COMMANDS)
@@ -20,6 +20,17 @@ def test_help_has_no_noise(module, capsys):
     for noise in ("PosixPath", "no-no-", "(default: None)", "(default: False)", "(default: True)", "(default: [",
                   " 1 threads", " 1 warm-up steps"):
         assert noise not in text, f"{module} --help shows {noise!r}"
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_fits_80_columns_and_keeps_flag_names_whole(module, monkeypatch):
+    import importlib
+    import re
+
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = importlib.import_module(module).build_parser().format_help().splitlines()
+    assert max(len(line) for line in lines) <= 80, [line for line in lines if len(line) > 80]
+    assert not [line for line in lines if re.search(r"--[a-z-]*[a-z]-$", line)], "a flag name split at a hyphen"
 
 
 def test_train_help_states_the_switch_defaults_once():
