@@ -8,10 +8,10 @@ The rule is two steps:
    ``batch = clamp(32 * floor(N / max(75, 130 / E) / 32), 32, 512)``. A small data set keeps a small batch
    (the 4,160 training images of the CIFAR-10 sample with 500 held out: 32), a full-size one fills a GPU
    (40,000 images: 512), except a 1-epoch run, whose 79 steps at 512 are too few (288: 139 steps).
-2. **Peak LR from the optimizer.** AdamW (fast's) normalises its step per coordinate: ``ADAMW_PEAK_LR`` at batch
+2. **Peak LR from the optimizer.** AdamW normalises its step per coordinate: ``ADAMW_PEAK_LR`` at batch
    ``ADAMW_PEAK_BATCH``, scaled by the square root of the batch (the usual rule for adaptive optimizers), the
-   same at every length. Muon's update is scaled to AdamW's size (``cardinal.muon``), so it takes the same
-   rule, times ``MUON_LR_FACTOR``.
+   same at every length. Muon's update (fast's) is scaled to AdamW's size (``cardinal.muon``), so it takes the
+   same rule, times ``MUON_LR_FACTOR``.
    SGD's follows the run's ``S = E * ceil(N / batch)`` steps: per 256 images a function of ``S``
    (``LR_BY_STEPS``), a straight line in log-log between anchors and flat outside them, scaled linearly to
    the batch, and never above ``MAX_PEAK_LR``; a short SGD run wants a low peak, a long one a high one.

@@ -78,10 +78,10 @@ def test_a_given_batch_or_lr_is_never_resized():
     assert (both.batch_size, both.lr, both.sized_by_budget, both.budget_images) == (64, 0.3, (), 0)
 
 
-def test_fast_trains_with_adamw_at_the_rules_peak():
+def test_fast_trains_with_muon_at_the_rules_peak():
     fast = budget.resolve(resolve_recipe("fast", {"epochs": 1}), 35000)
-    assert (fast.optimizer, fast.batch_size, fast.weight_decay, fast.grad_clip) == ("adamw", 256, 0.05, 0.0)
-    assert fast.effective_lr() == pytest.approx(budget.ADAMW_PEAK_LR)
+    assert (fast.optimizer, fast.batch_size, fast.weight_decay, fast.grad_clip) == ("muon", 256, 0.05, 0.0)
+    assert fast.effective_lr() == pytest.approx(budget.MUON_LR_FACTOR * budget.ADAMW_PEAK_LR)
 
 
 def test_the_seed_recipe_sizes_nothing():

@@ -117,8 +117,9 @@ def test_a_reloaded_muon_continues_as_if_never_stopped():
         torch.testing.assert_close(a, b)
 
 
-def test_switching_fast_to_muon_keeps_adamws_decay_and_sizes_its_lr_from_adamws():
-    muon, adamw = resolve_recipe("fast", {"optimizer": "muon"}), resolve_recipe("fast", {})
+def test_fast_trains_with_muon_and_switching_to_adamw_keeps_the_decay_and_sizes_adamws_lr():
+    muon, adamw = resolve_recipe("fast", {}), resolve_recipe("fast", {"optimizer": "adamw"})
+    assert adamw.optimizer == "adamw"
     assert (muon.optimizer, muon.weight_decay, muon.grad_clip, muon.sized_by_budget) == (
         "muon", adamw.weight_decay, 0.0, adamw.sized_by_budget)
     for images in (4160, 40000):

@@ -66,7 +66,7 @@ def test_switching_optimizer_brings_its_own_decay_and_clip_and_never_the_other_o
     given = resolve_recipe("fast", {"optimizer": "sgd", "weight_decay": 0.01, "grad_clip": 2.0, "lr": 0.2})
     assert (given.weight_decay, given.grad_clip, given.lr, given.sized_by_budget) == (0.01, 2.0, 0.2,
                                                                                        ("batch_size",))
-    assert resolve_recipe("fast", {"optimizer": "adamw"}) == RECIPES["fast"]  # no switch, nothing changes
+    assert resolve_recipe("fast", {"optimizer": "muon"}) == RECIPES["fast"]  # no switch, nothing changes
     assert (RECIPES["fast"].weight_decay, RECIPES["fast"].grad_clip) == (0.05, 0.0)  # decoupled; no clip
     with pytest.raises(CardinalError, match="--optimizer adamw on --recipe seed needs --lr"):
         resolve_recipe("seed", {"optimizer": "adamw"})  # seed's 0.01 is an SGD rate, and seed sizes nothing

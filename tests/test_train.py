@@ -102,8 +102,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert results[0]["test_loss"] == pytest.approx(results[1]["test_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--lr", "0.1"], ["--lr", "0.002"],
-                                       ["--optimizer", "muon", "--lr", "0.002"]], ids=["sgd", "adamw", "muon"])
+@pytest.mark.parametrize("optimizer", [["--optimizer", "sgd", "--lr", "0.1"], ["--optimizer", "adamw", "--lr", "0.002"],
+                                       ["--lr", "0.002"]], ids=["sgd", "adamw", "muon"])
 def test_resume_gives_the_same_csv_as_an_uninterrupted_run(tmp_path, optimizer):
     args = [*TINY, *SYNTHETIC, "--epochs", "2", "--recipe", "fast", "--warmup-epochs", "1", "--no-export", *optimizer]
     straight = train(args, tmp_path, run_name="straight")
