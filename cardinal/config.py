@@ -3,9 +3,10 @@
 ``seed`` is the reference study's recipe, kept exactly so its numbers can be reproduced. ``fast`` is a
 recipe for short budgets: its warm-up and decay are fractions of the run's steps (so a 1-epoch run warms up
 and decays too), augmentation, Muon for the convolutions and AdamW for the rest (``cardinal.muon``) with
-decoupled weight decay, label smoothing, no weight decay on norms and biases, and a batch and peak LR sized by the run (``cardinal.budget``: the batch by the training images
-and epochs, the LR by the optimizer and its batch) once the training split is known. Its settings were chosen
-on a validation split (``val_images``), never on the test split.
+decoupled weight decay, label smoothing, no weight decay on norms and biases, and a batch and peak LR sized
+by the run (``cardinal.budget``: the batch by the training images and epochs, the LR by the optimizer and its
+batch) once the training split is known. Its settings were chosen on a validation split (``val_images``),
+never on the test split.
 """
 
 from __future__ import annotations
