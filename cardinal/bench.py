@@ -52,7 +52,7 @@ from cardinal.records import write_csv
 from cardinal.reference import torchvision_model
 from cardinal.speedups import (
     AUTO,
-    COMPILE_MODES,
+    COMPILE_MODE_CHOICES,
     compile_kwargs,
     compile_request,
     fused_optimizer,
@@ -297,12 +297,12 @@ def progress_line(row: dict) -> str:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "resnext50_32x4d"], choices=list_archs(),
-                        metavar="ARCH", help=f"architectures: {', '.join(list_archs())}")
+                        metavar="ARCH", help="architectures")
     parser.add_argument("--batch-sizes", nargs="+", type=positive_int, default=[128], help="batch sizes")
     parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["no", "bf16"],
-                        metavar="PREC", help=f"autocast precisions: {', '.join(PRECISIONS)}")
+                        metavar="PREC", help="autocast precisions")
     parser.add_argument("--memory-formats", nargs="+", choices=list(FORMATS), default=["channels_last"],
-                        metavar="FORMAT", help=f"memory formats: {', '.join(FORMATS)}")
+                        metavar="FORMAT", help="memory formats")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--steps", type=positive_int, default=5, help="measured steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
@@ -314,9 +314,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile cardinal's step, and measure torchvision compiled the same way as a third "
                              "peer (default: on CUDA)")
-    parser.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO, metavar="MODE",
-                        help=f"torch.compile mode: {', '.join((AUTO, *COMPILE_MODES))} (auto: as cardinal.train "
-                             "picks it for one process)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default=AUTO, metavar="MODE",
+                        help="torch.compile mode; auto: as cardinal.train picks it for one process")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--output", type=Path, default=Path("bench.csv"), help="CSV file to write")
     return parser

@@ -22,24 +22,37 @@ class CardinalError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where it tells the reader something.
+    """Shows choices and defaults only where they tell the reader something.
 
-    Left out: defaults of switches (``--no-x`` is obviously off by default), ``None`` (the help text says
-    what happens), and defaults the help text already states. Paths and lists print as typed.
+    A flag with a metavar (``--precisions PREC``) gets its choices listed in its help, since the metavar
+    hides them and a ``{a,b,c}`` list would not fit 80 columns. Defaults are left out for switches
+    (``--no-x`` is obviously off by default), ``None`` (the help text says what happens), and where the
+    help text already states them. Paths and lists print as typed.
     """
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if ("%(default)" in text or "default" in text.lower() or default is None
-                or default is argparse.SUPPRESS or action.nargs == 0
-                or isinstance(action, argparse.BooleanOptionalAction)):
-            return text
-        return f"{text} (default: {_shown(default)})"
+        notes = [note for note in (_hidden_choices(action), _useful_default(action, text)) if note]
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
     def _split_lines(self, text: str, width: int) -> list:
         """Wrapped as argparse does, but never inside a hyphenated flag name (``--grad-`` / ``clip``)."""
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _hidden_choices(action: argparse.Action) -> str:
+    if not action.choices or action.metavar is None:
+        return ""
+    return "one of: " + ", ".join(_shown(choice) for choice in action.choices)
+
+
+def _useful_default(action: argparse.Action, text: str) -> str:
+    default = action.default
+    if ("%(default)" in text or "default" in text.lower() or default is None
+            or default is argparse.SUPPRESS or action.nargs == 0
+            or isinstance(action, argparse.BooleanOptionalAction)):
+        return ""
+    return f"default: {_shown(default)}"
 
 
 def _shown(value) -> str:

@@ -287,7 +287,7 @@ def build_parser() -> ArgumentParser:
         "state_dict holds them.",
     )
     parser.add_argument("--arch", required=True, choices=list_archs(), metavar="ARCH",
-                        help=f"architecture name: {', '.join(list_archs())}")
+                        help="architecture name")
     parser.add_argument("--weights", type=Path, default=None,
                         help="state_dict file to load (e.g. a run's model_state.pt), or a run folder (its "
                              "model_state.pt); random init if omitted")
@@ -297,7 +297,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output-dir", type=Path, default=Path("exported"), help="where files are written")
     parser.add_argument("--name", default=None, help="file name stem (default: the arch name)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FORMAT",
-                        help=f"what to write: {', '.join(FORMATS)}")
+                        help="what to write")
     parser.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
                         help="normalisation mean, for weights that carry none (default: the weights' own; "
                              "for weights without any, the seed recipe's)")

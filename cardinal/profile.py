@@ -702,7 +702,7 @@ def non_negative_int(text: str) -> int:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.profile", description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "resnext50_32x4d"], choices=list_archs(),
-                        metavar="ARCH", help=f"architectures: {', '.join(list_archs())}")
+                        metavar="ARCH", help="architectures")
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help=f"images per training step (default: {DEFAULT_BATCH['cuda']} on CUDA, where a smaller "
                              f"batch leaves the GPU idle between kernel launches; {DEFAULT_BATCH['cpu']} elsewhere)")

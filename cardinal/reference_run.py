@@ -180,7 +180,7 @@ def build_parser() -> ArgumentParser:
     from cardinal.train import run_name_arg
 
     parser.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
-                        help=f"architecture: {', '.join(list_archs())}")
+                        help="architecture")
     parser.add_argument("--dataset", default="cifar10", choices=DATASETS, help="data set")
     parser.add_argument("--data-dir", default="data", help="folder holding the CIFAR python batches (no download)")
     parser.add_argument("--synthetic-train", type=positive_int, default=2048, help="synthetic: training images")

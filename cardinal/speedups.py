@@ -31,6 +31,7 @@ from cardinal.cli import CardinalError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AUTO = "auto"
+COMPILE_MODE_CHOICES = (AUTO, *COMPILE_MODES)  # what --compile-mode accepts
 BACKEND_ENV = "CARDINAL_COMPILE_BACKEND"
 ACCELERATE_BACKEND_ENV = "ACCELERATE_DYNAMO_BACKEND"
 COMPILE_PAYS_FROM_IMAGES = 5_000_000  # training images a run must plan for compiling to pay (see above)
@@ -58,7 +59,7 @@ def resolve_compile(requested: Compile, device_type: str, world: int = 1,
     if requested in (True, AUTO):
         return "reduce-overhead" if device_type == "cuda" and world == 1 else "default"
     if requested not in COMPILE_MODES:
-        raise CardinalError(f"unknown compile mode {requested!r}; choose one of: {', '.join((AUTO, *COMPILE_MODES))}")
+        raise CardinalError(f"unknown compile mode {requested!r}; choose one of: {', '.join(COMPILE_MODE_CHOICES)}")
     return requested
 
 

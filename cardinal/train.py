@@ -73,7 +73,7 @@ from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, e
 from cardinal.runlock import check_fresh, check_not_symlink, run_lock
 from cardinal.speedups import (
     AUTO,
-    COMPILE_MODES,
+    COMPILE_MODE_CHOICES,
     COMPILE_PAYS_FROM_IMAGES,
     compile_model,
     compile_request,
@@ -138,7 +138,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.train", description=__doc__.split("\n")[0])
     what = parser.add_argument_group("what to train")
     what.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
-                      help=f"architecture: {', '.join(list_archs())}")
+                      help="architecture")
     what.add_argument("--dataset", default="cifar10", choices=DATASET_CHOICES, help="data set")
     what.add_argument("--data-dir", default="data", help="folder holding (or receiving) the CIFAR python batches")
     what.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
@@ -224,9 +224,9 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                      help="torch.compile the model (default: on CUDA for runs of at least "
                           f"{COMPILE_PAYS_FROM_IMAGES:,} training images (epochs x images), where compiling "
                           "pays; --no-compile to run eagerly)")
-    how.add_argument("--compile-mode", choices=(AUTO, *COMPILE_MODES), default=AUTO, metavar="MODE",
-                     help=f"torch.compile mode: {', '.join((AUTO, *COMPILE_MODES))} (auto: reduce-overhead, i.e. "
-                          "CUDA graphs, for one CUDA process, else default)")
+    how.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default=AUTO, metavar="MODE",
+                     help="torch.compile mode; auto (the default): reduce-overhead (CUDA graphs) for one CUDA "
+                          "process, else default")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
     how.add_argument("--max-steps", type=non_negative_int, default=0,
@@ -248,7 +248,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
     out.add_argument("--stop-after", type=non_negative_int, default=0,
                      help="end this invocation after N epochs; the schedule still spans --epochs (0: off)")
     out.add_argument("--log-with", nargs="+", choices=TRACKER_CHOICES, default=[], metavar="TRACKER",
-                     help=f"also log to experiment trackers: {', '.join(TRACKER_CHOICES)} (default: none)")
+                     help="also log to experiment trackers; none by default")
     out.add_argument("--no-export", dest="export", action="store_false", help="skip the final model export")
     out.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     if suppress_defaults:

@@ -33,6 +33,18 @@ def test_help_fits_80_columns_and_keeps_flag_names_whole(module, monkeypatch):
     assert not [line for line in lines if re.search(r"--[a-z-]*[a-z]-$", line)], "a flag name split at a hyphen"
 
 
+@pytest.mark.parametrize("module", COMMANDS)
+def test_help_lists_the_choices_a_metavar_hides(module):
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    text = " ".join(parser.format_help().split())
+    hidden = [action for action in parser._actions if action.choices and action.metavar is not None]
+    for action in hidden:
+        listed = "one of: " + ", ".join(map(str, action.choices))
+        assert listed in text, f"{module} {action.option_strings[0]} does not list its choices"
+
+
 def test_train_help_states_the_switch_defaults_once():
     from cardinal.train import build_parser
 
