@@ -218,13 +218,14 @@ if [ "$failed" -gt 0 ]; then
 fi
 
 # --- the summaries -----------------------------------------------------------------------------------------
-REPORT_EPOCHS=$(printf '%s\n' $FAST_EPOCHS | sort -n | tr '\n' ' ')
+# the study reads fast's lengths and seed's last (its constant LR makes every row an N-epoch run)
+read -r -a report_epochs <<< "$(printf '%s\n' $FAST_EPOCHS $SEED_EPOCHS | sort -nu | tr '\n' ' ')"
 for part in study tune sample; do
     [ -d "$OUT/$part" ] || continue
     echo
     echo "=== $part ==="
-    read -r -a epochs <<< "--epochs $REPORT_EPOCHS"
-    [ "$part" = study ] || epochs=()
+    epochs=()
+    [ "$part" = study ] && [ ${#report_epochs[@]} -gt 0 ] && epochs=(--epochs "${report_epochs[@]}")
     "$PYTHON" -m cardinal.summary "$OUT/$part" "${epochs[@]}" --format markdown --output "$OUT/$part-summary.md"
 done
 [ "$failed" -eq 0 ]
