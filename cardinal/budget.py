@@ -38,7 +38,7 @@ Where the constants come from (fast recipe, resnet50; README, Recipes):
   (3 seeds, GPU).
 - Muon's twice AdamW's peak: on the sample at 1 epoch, 2x beat 1x by 3.2 points and 4x by 2.6 (val_acc); on
   35,000 full-size images at 5 epochs (batch 448) the rule's Muon reached 83.9% val_acc against AdamW's
-  72.2% (one seed each; README, Recipes).
+  72.2%, and at 1 epoch (batch 256) 58.8% against 53.3% (one seed each; README, Recipes).
 
 Every other combination is an interpolation. On one H200, full-size data (40,000 images, 3 seeds), the rule's
 AdamW runs made 53.2%, 73.2% and 82.5% dev-test accuracy at 1, 5 and 10 epochs (README, Recipes).
