@@ -22,11 +22,13 @@
 #   SEEDS             "0 1 2"                             SEED_EPOCHS   10
 #   REFERENCE_ARCHS   "resnet50"                          REFERENCE_EPOCHS  5
 #   TUNE_SEEDS        seeds of the tune runs (default: SEEDS)
-#   TUNE              "resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 256;
-#                     resnet50 10 --batch-size 256; resnet50 10 --lr 0.00566; resnet50 10 --weight-decay 0.005;
-#                     resnet50 10 --label-smoothing 0" (against the rule's Muon: AdamW, fast's optimizer before;
-#                     then what may lift the underfitting 5- and 10-epoch runs: twice the steps, twice the
-#                     rule's peak, a tenth of the decay, no smoothing; README, Recipes)   VAL_IMAGES 5000
+#   TUNE              "resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448;
+#                     resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008;
+#                     resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0" (against the rule's
+#                     Muon at batch 256: AdamW, fast's optimizer before; the earlier floor's batch 448 for
+#                     fewer, faster steps; then what may lift the underfitting 10-epoch runs: twice the steps,
+#                     twice the rule's peak, a tenth of the decay, no smoothing; README, Recipes)
+#                     VAL_IMAGES 5000
 #   FAST_PASS         flags of every fast run ("--mixed-precision bf16 --channels-last")
 #   SEED_PASS         flags of every seed run ("--mixed-precision no": the reference study's fp32; the summary
 #                     pairs fast with seed only when both passes name the same precision and memory format)
@@ -82,7 +84,7 @@ else
     SEED_EPOCHS=${SEED_EPOCHS:-10}
     REFERENCE_ARCHS=${REFERENCE_ARCHS:-resnet50}
     REFERENCE_EPOCHS=${REFERENCE_EPOCHS:-5}
-    TUNE=${TUNE-resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 256; resnet50 10 --batch-size 256; resnet50 10 --lr 0.00566; resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0}
+    TUNE=${TUNE-resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448; resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008; resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0}
     VAL_IMAGES=${VAL_IMAGES:-5000}
     FAST_PASS=${FAST_PASS:---mixed-precision bf16 --channels-last}
     JOBS=${JOBS:-8}
