@@ -11,7 +11,8 @@
 #                      time goes, for before/after tables
 #   4. accuracy        cardinal.train compiled and eager, SEEDS each, ACCURACY_EPOCHS epochs on full-size data,
 #                      all at once on the GPU (their img/s mean nothing), then python -m cardinal.summary
-#   5. epoch-wall      one compiled cardinal.train run alone, batch 512, WALL_EPOCHS epochs on full-size data:
+#   5. epoch-wall      one cardinal.train run alone (compiled unless WALL_FLAGS says otherwise), batch 512,
+#                      WALL_EPOCHS epochs on full-size data:
 #                      the wall time of each epoch after the first (training + evaluation + checkpoint +
 #                      records, from the times its rows are printed) against its training time alone
 #   6. checkpoint-stall benchmarks/checkpoint_stall.py: how long a TRAIN_ARCH checkpoint (with a weight average)
@@ -33,6 +34,9 @@
 #   BENCH_STEPS      measured steps per repeat (50); BENCH_REPEATS (3); BENCH_WARMUP (5)
 #   TRAIN_ARCH       architecture of the accuracy and epoch-wall runs (resnet50)
 #   SEEDS            seeds of the accuracy pair ("0 1");  ACCURACY_EPOCHS (3);  WALL_EPOCHS (3)
+#   ACCURACY_LIMIT_S the accuracy runs' time limit (240; the runs stop there and keep their finished epochs)
+#   WALL_FLAGS       how the epoch-wall run trains ("--compile"; "--no-compile" for what a short run does
+#                    by default)
 #   TRAIN_BATCH      batch of the accuracy and epoch-wall runs (512; the fast recipe scales its LR with it)
 #   DATA_DIR, JPEG_TOOL (../shared/tools/cifar10_jpeg.py beside the repository)
 #   ONLY             run only these steps, e.g. "bench-compiled epoch-wall"
@@ -58,6 +62,7 @@ ALL_STEPS="bench-eager bench-compiled profile accuracy epoch-wall checkpoint-sta
 STEPS=${ONLY:-$ALL_STEPS}
 SEEDS=${SEEDS:-0 1}
 WALL_EPOCHS=${WALL_EPOCHS:-3}
+read -r -a WALL_FLAGS <<< "${WALL_FLAGS:---compile}"
 
 if [ "$DRY_RUN" = 1 ]; then
     ARCHS=${ARCHS:-tiny_resnet}
@@ -85,7 +90,7 @@ else
     TRAIN_ARCH=${TRAIN_ARCH:-resnet50}
     TRAIN_BATCH=${TRAIN_BATCH:-512}
     ACCURACY_EPOCHS=${ACCURACY_EPOCHS:-3}
-    ACCURACY_LIMIT_S=240
+    ACCURACY_LIMIT_S=${ACCURACY_LIMIT_S:-240}
     TOTAL_S=${TOTAL_S:-690}
     PRECISION=bf16
     DEVICE_FLAGS=()
@@ -233,7 +238,7 @@ step_epoch_wall() {
     ensure_data || { finish_step epoch-wall "$started" ""; return; }
     rm -rf "$OUT/wall"
     PYTHONUNBUFFERED=1 TORCH_LOGS=${TORCH_LOGS:-recompiles} run_step epoch-wall 240 bash -c "$(declare -f stamped); stamped \"\$@\"" stamped \
-        "$PYTHON" -m cardinal.train "${TRAIN_FLAGS[@]}" "${DATA[@]}" --epochs "$WALL_EPOCHS" --compile \
+        "$PYTHON" -m cardinal.train "${TRAIN_FLAGS[@]}" "${DATA[@]}" --epochs "$WALL_EPOCHS" "${WALL_FLAGS[@]}" \
         --output-dir "$OUT/wall" --run-name wall
     if [ "$LAST_RC" -eq 0 ]; then
         "$PYTHON" "$REPO/benchmarks/gpu_speed_report.py" wall "$OUT/epoch-wall.log" "$OUT/wall/wall/epochs.csv" \

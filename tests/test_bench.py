@@ -276,9 +276,23 @@ def test_gpu_speed_script_parses_and_refuses_in_one_line_without_cuda(tmp_path):
 
 
 GPU_RECIPE = REPO / "benchmarks" / "gpu_recipe.sh"
+GPU_SESSION = REPO / "benchmarks" / "gpu_session.sh"
 
 
-@pytest.mark.parametrize("script", [GPU_CHECK, GPU_SPEED, GPU_RECIPE, REPO / "benchmarks" / "preflight.sh"])
+def test_gpu_session_refuses_in_one_line_without_cuda_or_with_a_budget_it_cannot_split(tmp_path):
+    output = tmp_path / "session"
+    done = run_command(["bash", GPU_SESSION, output], env=gpu_check_env())
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == "gpu_session: no CUDA device visible; DRY_RUN=1 exercises this script on a CPU"
+    done = run_command(["bash", GPU_SESSION, output], env=gpu_check_env(DRY_RUN="1", BUDGET_S="100", SPEED_S="100"))
+    assert done.returncode == 2 and "leaves nothing of BUDGET_S" in done.stderr
+    done = run_command(["bash", GPU_SESSION], env=gpu_check_env(DRY_RUN="1"))
+    assert done.returncode == 2 and "usage: benchmarks/gpu_session.sh OUTPUT_DIR" in done.stderr
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("script", [GPU_CHECK, GPU_SPEED, GPU_RECIPE, GPU_SESSION,
+                                    REPO / "benchmarks" / "preflight.sh"])
 def test_gpu_scripts_are_shellcheck_clean(script):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
@@ -287,7 +301,7 @@ def test_gpu_scripts_are_shellcheck_clean(script):
     assert done.returncode == 0, done.stdout
 
 
-@pytest.mark.parametrize("script", [GPU_RECIPE, GPU_SPEED, GPU_CHECK])
+@pytest.mark.parametrize("script", [GPU_RECIPE, GPU_SPEED, GPU_CHECK, GPU_SESSION])
 def test_gpu_scripts_refuse_a_folder_that_already_holds_results(tmp_path, script):
     assert os.access(script, os.X_OK)
     assert run_command(["bash", "-n", script]).returncode == 0
