@@ -10,7 +10,8 @@
 # What runs (the defaults; each list is an environment variable):
 #   study/     fast at each of FAST_EPOCHS (its schedule spans the run, so one run per length), seed once for
 #              SEED_EPOCHS (constant LR: its epoch-N row is an N-epoch run), for ARCHS x SEEDS; the reference
-#              protocol (cardinal.reference_run) for REFERENCE_EPOCHS on REFERENCE_ARCHS x SEEDS.
+#              protocol (cardinal.reference_run) for REFERENCE_EPOCHS on REFERENCE_ARCHS x SEEDS; fast at each
+#              of LONG_EPOCHS, the first arch and seed only (the shortest run to an accuracy).
 #   tune/      with a validation split (--val-images VAL_IMAGES): fast as the budget rule sizes it and each
 #              TUNE variant ("ARCH EPOCHS FLAGS...;" ...), compared on val_acc only.
 #   sample/    fast and seed at 1 epoch on the CIFAR-10 sample (SAMPLE_DIR, if present) with --val-images 500.
@@ -21,6 +22,7 @@
 #   ARCHS             "resnet50 resnext50_32x4d"          FAST_EPOCHS   "1 5 10"
 #   SEEDS             "0 1 2"                             SEED_EPOCHS   10
 #   REFERENCE_ARCHS   "resnet50"                          REFERENCE_EPOCHS  5
+#   LONG_EPOCHS       "" (none)
 #   TUNE_SEEDS        seeds of the tune runs (default: SEEDS)
 #   TUNE              "resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448;
 #                     resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008;
@@ -36,6 +38,7 @@
 #   TOTAL_S           wall-clock budget for the training (600); what has not finished by then is stopped
 #   PYTHON            the Python cardinal is installed in (python)
 #   DRY_RUN=1         tiny_resnet on a small synthetic set, 2 steps an epoch, fewer runs, fp32, on any machine
+# A list set to "" (FAST_EPOCHS="", REFERENCE_ARCHS="", TUNE="") leaves its runs out.
 #
 # Sizing it: the defaults plan 96 fast epochs (bf16), 60 seed epochs (fp32) and 15 reference epochs of the
 # 40,000 images. From single-run speeds on one H200 (resnet50: 15.8k img/s bf16 at batch 512, 5.6k fp32 at
@@ -56,10 +59,11 @@ DRY_RUN=${DRY_RUN:-0}
 
 if [ "$DRY_RUN" = 1 ]; then
     ARCHS=${ARCHS:-tiny_resnet}
-    FAST_EPOCHS=${FAST_EPOCHS:-1 2}
+    FAST_EPOCHS=${FAST_EPOCHS-1 2}
     SEEDS=${SEEDS:-0 1}
-    SEED_EPOCHS=${SEED_EPOCHS:-2}
-    REFERENCE_ARCHS=${REFERENCE_ARCHS:-tiny_resnet}
+    SEED_EPOCHS=${SEED_EPOCHS-2}
+    REFERENCE_ARCHS=${REFERENCE_ARCHS-tiny_resnet}
+    LONG_EPOCHS=${LONG_EPOCHS-3}
     REFERENCE_EPOCHS=${REFERENCE_EPOCHS:-2}
     TUNE=${TUNE-tiny_resnet 1 --batch-size 64; tiny_resnet 1 --optimizer sgd --head-lr-scale 0.5}
     VAL_IMAGES=${VAL_IMAGES:-64}
@@ -79,10 +83,11 @@ else
     [ -f "$DATA_DIR/cifar-10-batches-py/data_batch_1" ] || [ -f "$DATA_DIR/data_batch_1" ] \
         || { echo "gpu_recipe: no CIFAR-10 python batches in $DATA_DIR" >&2; exit 2; }
     ARCHS=${ARCHS:-resnet50 resnext50_32x4d}
-    FAST_EPOCHS=${FAST_EPOCHS:-1 5 10}
+    FAST_EPOCHS=${FAST_EPOCHS-1 5 10}
     SEEDS=${SEEDS:-0 1 2}
-    SEED_EPOCHS=${SEED_EPOCHS:-10}
-    REFERENCE_ARCHS=${REFERENCE_ARCHS:-resnet50}
+    SEED_EPOCHS=${SEED_EPOCHS-10}
+    REFERENCE_ARCHS=${REFERENCE_ARCHS-resnet50}
+    LONG_EPOCHS=${LONG_EPOCHS-}
     REFERENCE_EPOCHS=${REFERENCE_EPOCHS:-5}
     TUNE=${TUNE-resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448; resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008; resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0}
     VAL_IMAGES=${VAL_IMAGES:-5000}
@@ -122,8 +127,13 @@ train() {  # train FOLDER NAME FLAGS...
 }
 
 # --- the runs, longest first ----------------------------------------------------------------------------
+for epochs in $(printf '%s\n' $LONG_EPOCHS | sort -rn); do
+    train study "${ARCHS%% *}-fast-e$epochs-seed${SEEDS%% *}" --arch "${ARCHS%% *}" --recipe fast \
+        --epochs "$epochs" --seed "${SEEDS%% *}" "${TRAIN_DATA[@]}" "${FAST_FLAGS[@]}"
+done
 for seed in $SEEDS; do
     for arch in $ARCHS; do
+        [ -n "$SEED_EPOCHS" ] || continue
         train study "$arch-seed-e$SEED_EPOCHS-seed$seed" --arch "$arch" --recipe seed --epochs "$SEED_EPOCHS" \
             --seed "$seed" "${TRAIN_DATA[@]}" "${SEED_FLAGS[@]}"
     done
@@ -185,7 +195,7 @@ for epochs in (1, 5, 10):
 EOF
 words() { echo $#; }
 sum() { local total=0 n; for n in "$@"; do total=$((total + n)); done; echo "$total"; }
-fast_epochs=$(( $(sum $FAST_EPOCHS) * $(words $ARCHS) * $(words $SEEDS) ))
+fast_epochs=$(( $(sum $FAST_EPOCHS) * $(words $ARCHS) * $(words $SEEDS) + $(sum $LONG_EPOCHS) ))
 seed_epochs=$(( SEED_EPOCHS * $(words $ARCHS) * $(words $SEEDS) ))
 reference_epochs=$(( REFERENCE_EPOCHS * $(words $REFERENCE_ARCHS) * $(words $SEEDS) ))
 echo "gpu_recipe: planned epochs of the training data: fast $fast_epochs, seed $seed_epochs (fp32 unless" \
@@ -221,7 +231,7 @@ fi
 
 # --- the summaries -----------------------------------------------------------------------------------------
 # the study reads fast's lengths and seed's last (its constant LR makes every row an N-epoch run)
-read -r -a report_epochs <<< "$(printf '%s\n' $FAST_EPOCHS $SEED_EPOCHS | sort -nu | tr '\n' ' ')"
+read -r -a report_epochs <<< "$(printf '%s\n' $FAST_EPOCHS $SEED_EPOCHS $LONG_EPOCHS | sort -nu | tr '\n' ' ')"
 for part in study tune sample; do
     [ -d "$OUT/$part" ] || continue
     echo

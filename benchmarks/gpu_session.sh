@@ -21,6 +21,7 @@
 # through to them):
 #   BUDGET_S     seconds for the whole session (560)       SPEED_S   seconds for the speed part (140)
 #   SPEED_STEPS  gpu_speed.sh steps run alone ("bench-eager epoch-wall optimizer-step")
+#   SPEED_ARCHS  architectures of the speed part's benches and profile (default: ARCHS)
 #   GIB_PER_RUN  GPU memory planned per training run when sizing JOBS (8.5; 16 runs fitted one H200)
 #   DATA_DIR, JPEG_TOOL (../shared/tools/cifar10_jpeg.py beside the repository), PYTHON (python)
 #   DRY_RUN=1    the sub-scripts' tiny, synthetic, CPU settings
@@ -67,8 +68,8 @@ if [ "$DRY_RUN" != 1 ]; then
     fi
     export DATA_DIR
     # the study as the README reads it: fast and seed in the same precision, resnet50, one 10-epoch seed run
-    export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS:-1 5 10} SEEDS=${SEEDS:-0 1 2}
-    export SEED_EPOCHS=${SEED_EPOCHS:-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
+    export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS-1 5 10} SEEDS=${SEEDS:-0 1 2}
+    export SEED_EPOCHS=${SEED_EPOCHS-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
     export REFERENCE_ARCHS=${REFERENCE_ARCHS- } TUNE_SEEDS=${TUNE_SEEDS:-0}
     export TUNE=${TUNE-resnet50 10 --lr 0.008}
     # runs at once: as many as the GPU's memory holds, less the pair's four
@@ -79,7 +80,7 @@ fi
 echo "gpu_session: budget $BUDGET_S s (speed $SPEED_S s), output in $OUT" | tee -a "$OUT/environment.txt"
 
 # --- speed, alone on the GPU ---------------------------------------------------------------------------
-ONLY=$SPEED_STEPS TOTAL_S=$SPEED_S WALL_FLAGS=${WALL_FLAGS:---no-compile} \
+ARCHS=${SPEED_ARCHS:-${ARCHS:-}} ONLY=$SPEED_STEPS TOTAL_S=$SPEED_S WALL_FLAGS=${WALL_FLAGS:---no-compile} \
     bash "$REPO/benchmarks/gpu_speed.sh" "$OUT/speed" >"$OUT/speed.log" 2>&1
 echo "gpu_session: speed exit $? after $((SECONDS - STARTED)) s"
 
