@@ -14,7 +14,7 @@
 #            training time, the optimizer steps)
 #   recipe/  benchmarks/gpu_recipe.sh: fast at 1, 5 and 10 epochs and seed for 10, 3 seeds, plus TUNE on a
 #            validation split; at the same time, pair/: gpu_speed.sh's compiled-and-eager accuracy pair
-#            (PAIR=0 leaves it out). Both stop at the budget's end; finished epochs stay in each epochs.csv.
+#            (PAIR_SEEDS "0 1"; PAIR=0 leaves it out). Both stop at the budget's end; finished epochs stay in each epochs.csv.
 #   OUTPUT_DIR/summary.txt, and OUTPUT_DIR.tgz: logs, CSVs, config.json and summaries, no data, no checkpoints
 #
 # Environment (all optional; the sub-scripts' own variables, e.g. ARCHS, FAST_EPOCHS, SEEDS, TUNE, pass
@@ -72,9 +72,11 @@ if [ "$DRY_RUN" != 1 ]; then
     export SEED_EPOCHS=${SEED_EPOCHS-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
     export REFERENCE_ARCHS=${REFERENCE_ARCHS- } TUNE_SEEDS=${TUNE_SEEDS:-0}
     export TUNE=${TUNE-resnet50 10 --lr 0.008}
-    # runs at once: as many as the GPU's memory holds, less the pair's four
+    # runs at once: as many as the GPU's memory holds, less the pair's (two per seed)
+    pair_runs=0
+    [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "${PAIR_SEEDS:-0 1}")))
     JOBS=${JOBS:-$("$PYTHON" -c "import torch; gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-print(max(2, int(gib / $GIB_PER_RUN) - 4 * $PAIR))")}
+print(max(2, int(gib / $GIB_PER_RUN) - $pair_runs))")}
     export JOBS
 fi
 echo "gpu_session: budget $BUDGET_S s (speed $SPEED_S s), output in $OUT" | tee -a "$OUT/environment.txt"
@@ -89,7 +91,7 @@ RUNS_S=$(( $(left_s) - 60 ))
 [ "$RUNS_S" -gt 30 ] || RUNS_S=30
 pair_pid=
 if [ "$PAIR" = 1 ]; then
-    ONLY=accuracy TOTAL_S=$((RUNS_S + 30)) ACCURACY_LIMIT_S=$RUNS_S \
+    SEEDS=${PAIR_SEEDS:-0 1} ONLY=accuracy TOTAL_S=$((RUNS_S + 30)) ACCURACY_LIMIT_S=$RUNS_S \
         bash "$REPO/benchmarks/gpu_speed.sh" "$OUT/pair" >"$OUT/pair.log" 2>&1 &
     pair_pid=$!
 fi
