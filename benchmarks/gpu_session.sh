@@ -11,7 +11,7 @@
 #            OUTPUT_DIR/data, unless DATA_DIR holds it
 #   speed/   benchmarks/gpu_speed.sh, alone on the GPU for SPEED_S seconds: SPEED_STEPS (the eager bench of
 #            fast's default batch beside 128 and 512, one eager cardinal.train run's epoch wall against its
-#            training time, the optimizer steps)
+#            training time, a checkpoint's stall, the optimizer steps)
 #   recipe/  benchmarks/gpu_recipe.sh: fast at 1, 5 and 10 epochs and seed for 10, 3 seeds, plus TUNE on a
 #            validation split; at the same time, pair/: gpu_speed.sh's compiled-and-eager accuracy pair
 #            (PAIR_SEEDS "0 1"; PAIR=0 leaves it out). Both stop at the budget's end; finished epochs stay in each epochs.csv.
@@ -20,7 +20,7 @@
 # Environment (all optional; the sub-scripts' own variables, e.g. ARCHS, FAST_EPOCHS, SEEDS, TUNE, pass
 # through to them):
 #   BUDGET_S     seconds for the whole session (560)       SPEED_S   seconds for the speed part (140)
-#   SPEED_STEPS  gpu_speed.sh steps run alone ("bench-eager epoch-wall optimizer-step")
+#   SPEED_STEPS  gpu_speed.sh steps run alone ("bench-eager epoch-wall checkpoint-stall optimizer-step")
 #   SPEED_ARCHS  architectures of the speed part's benches and profile (default: ARCHS)
 #   GIB_PER_RUN  GPU memory planned per training run when sizing JOBS (8.5; 16 runs fitted one H200)
 #   DATA_DIR, JPEG_TOOL (../shared/tools/cifar10_jpeg.py beside the repository), PYTHON (python)
@@ -41,7 +41,7 @@ SCRIPT=gpu_session
 DRY_RUN=${DRY_RUN:-0}
 BUDGET_S=${BUDGET_S:-560}
 SPEED_S=${SPEED_S:-140}
-SPEED_STEPS=${SPEED_STEPS:-bench-eager epoch-wall optimizer-step}
+SPEED_STEPS=${SPEED_STEPS:-bench-eager epoch-wall checkpoint-stall optimizer-step}
 GIB_PER_RUN=${GIB_PER_RUN:-8.5}
 PAIR=${PAIR:-1}
 JPEG_TOOL=${JPEG_TOOL:-$REPO/../shared/tools/cifar10_jpeg.py}
