@@ -43,8 +43,8 @@
 # Sizing it: the defaults plan 96 fast epochs (bf16), 60 seed epochs (fp32) and 15 reference epochs of the
 # 40,000 images. From single-run speeds on one H200 (resnet50: 15.8k img/s bf16 at batch 512, 5.6k fp32 at
 # batch 128, 1.5k for the PIL protocol), that is more than 10 minutes of GPU; resnext50_32x4d is slower.
-# For a 15-minute device session, start with ARCHS=resnet50 SEED_EPOCHS=5 TOTAL_S=480 (an estimate: the
-# speeds of runs sharing the GPU were not measured), and give resnext50_32x4d a session of its own.
+# For a slot of about 10 minutes, benchmarks/gpu_session.sh runs a part of it that fits (resnet50 alone,
+# seed for 10 epochs in bf16), after the speed measurements; resnext50_32x4d takes a slot of its own.
 set -u
 set -o pipefail
 
