@@ -45,6 +45,7 @@ SPEED_S=${SPEED_S:-140}
 SPEED_STEPS=${SPEED_STEPS:-bench-eager epoch-wall checkpoint-stall optimizer-step}
 GIB_PER_RUN=${GIB_PER_RUN:-8.5}
 PAIR=${PAIR:-1}
+PAIR_SEEDS=${PAIR_SEEDS:-0 1}
 JPEG_TOOL=${JPEG_TOOL:-$REPO/../shared/tools/cifar10_jpeg.py}
 for value in "$BUDGET_S" "$SPEED_S"; do
     [[ "$value" =~ ^[1-9][0-9]*$ ]] || refuse "BUDGET_S and SPEED_S must be positive integers, got '$value'"
@@ -75,7 +76,7 @@ if [ "$DRY_RUN" != 1 ]; then
     export TUNE=${TUNE-resnet50 10 --lr 0.008; resnet50 5 --lr 0.008}
     # runs at once: as many as the GPU's memory holds, less the pair's (two per seed)
     pair_runs=0
-    [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "${PAIR_SEEDS:-0 1}")))
+    [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "$PAIR_SEEDS")))
     JOBS=${JOBS:-$("$PYTHON" -c "import torch; gib = torch.cuda.get_device_properties(0).total_memory / 2**30
 print(max(2, int(gib / $GIB_PER_RUN) - $pair_runs))")}
     export JOBS
@@ -92,7 +93,7 @@ RUNS_S=$(( $(left_s) - 60 ))
 [ "$RUNS_S" -gt 30 ] || RUNS_S=30
 pair_pid=
 if [ "$PAIR" = 1 ]; then
-    SEEDS=${PAIR_SEEDS:-0 1} ONLY=accuracy TOTAL_S=$((RUNS_S + 30)) ACCURACY_LIMIT_S=$RUNS_S \
+    SEEDS=$PAIR_SEEDS ONLY=accuracy TOTAL_S=$((RUNS_S + 30)) ACCURACY_LIMIT_S=$RUNS_S \
         bash "$REPO/benchmarks/gpu_speed.sh" "$OUT/pair" >"$OUT/pair.log" 2>&1 &
     pair_pid=$!
 fi
