@@ -25,7 +25,7 @@
 #   LONG_EPOCHS       "" (none)
 #   TUNE_SEEDS        seeds of the tune runs (default: SEEDS)
 #   TUNE              "resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448;
-#                     resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008;
+#                     resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.016;
 #                     resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0" (against the rule's
 #                     Muon at batch 256: AdamW, fast's optimizer before; the earlier floor's batch 448 for
 #                     fewer, faster steps; then what may lift the underfitting 10-epoch runs: twice the steps,
@@ -89,7 +89,7 @@ else
     REFERENCE_ARCHS=${REFERENCE_ARCHS-resnet50}
     LONG_EPOCHS=${LONG_EPOCHS-}
     REFERENCE_EPOCHS=${REFERENCE_EPOCHS:-5}
-    TUNE=${TUNE-resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448; resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.008; resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0}
+    TUNE=${TUNE-resnet50 5 --optimizer adamw; resnet50 10 --optimizer adamw; resnet50 5 --batch-size 448; resnet50 10 --batch-size 448; resnet50 10 --batch-size 128; resnet50 10 --lr 0.016; resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0}
     VAL_IMAGES=${VAL_IMAGES:-5000}
     FAST_PASS=${FAST_PASS:---mixed-precision bf16 --channels-last}
     JOBS=${JOBS:-8}

@@ -73,7 +73,7 @@ if [ "$DRY_RUN" != 1 ]; then
     export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS-1 5 10} SEEDS=${SEEDS:-0 1 2}
     export SEED_EPOCHS=${SEED_EPOCHS-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
     export REFERENCE_ARCHS=${REFERENCE_ARCHS- } TUNE_SEEDS=${TUNE_SEEDS:-0}
-    export TUNE=${TUNE-resnet50 10 --lr 0.008; resnet50 5 --lr 0.008}
+    export TUNE=${TUNE-resnet50 10 --lr 0.016; resnet50 5 --lr 0.016}
     # runs at once: as many as the GPU's memory holds, less the pair's (two per seed)
     pair_runs=0
     [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "$PAIR_SEEDS")))

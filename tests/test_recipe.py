@@ -19,7 +19,7 @@ from cardinal.records import TIMING_COLUMNS, ConsoleReport
 from conftest import SYNTHETIC, TINY, train
 
 # no --batch-size or --lr: the budget rule sizes both (batch 32 for 160 images, 2 epochs, and Muon's peak
-# at batch 32: 2 * 2e-3 * sqrt(32 / 256), 0.01131 per 256)
+# at batch 32: 4 * 2e-3 * sqrt(32 / 256), 0.02262 per 256)
 RUN = [*TINY, "--dataset", "synthetic", "--synthetic-train", "200", "--synthetic-test", "64", "--recipe", "fast",
        "--val-images", "0.2", "--no-export"]
 COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}
@@ -160,7 +160,7 @@ def test_every_new_knob_reaches_config_json(runs):
     assert recipe["head_lr_scale"] == 0.5
     # what the budget rule chose for the 160 training images is what ran, and what config.json keeps
     assert recipe["sized_by_budget"] == ["batch_size", "lr"] and recipe["budget_images"] == 160
-    assert (recipe["optimizer"], recipe["batch_size"], recipe["lr"]) == ("muon", 32, 0.01131)
+    assert (recipe["optimizer"], recipe["batch_size"], recipe["lr"]) == ("muon", 32, 0.02262)
     frame = pd.read_csv(runs / "straight" / "epochs.csv")
     assert frame["global_batch"].eq(32).all() and frame["steps"].eq(5).all()
     config = TrainConfig.from_dict(json.loads((runs / "straight" / "config.json").read_text()))
