@@ -29,7 +29,7 @@
 #                     resnet50 10 --weight-decay 0.005; resnet50 10 --label-smoothing 0" (against the rule's
 #                     Muon at batch 256: AdamW, fast's optimizer before; the earlier floor's batch 448 for
 #                     fewer, faster steps; then what may lift the underfitting 10-epoch runs: twice the steps,
-#                     twice the rule's peak, a tenth of the decay, no smoothing; README, Recipes)
+#                     twice the rule's peak, a tenth of the decay, no smoothing; RECIPE_TUNING.md)
 #                     VAL_IMAGES 5000
 #   FAST_PASS         flags of every fast run ("--mixed-precision bf16 --channels-last")
 #   SEED_PASS         flags of every seed run ("--mixed-precision no": the reference study's fp32; the summary
@@ -173,7 +173,7 @@ if [ "$DRY_RUN" = 1 ] || [ -f "$SAMPLE_DIR/cifar-10-batches-py/data_batch_1" ]; 
         for recipe in fast seed; do
             train sample "${ARCHS%% *}-$recipe-e1-seed$seed" --arch "${ARCHS%% *}" \
                 --recipe "$recipe" --epochs 1 --seed "$seed" --val-images "$SAMPLE_VAL" "${SAMPLE_DATA[@]}" \
-                "${FAST_FLAGS[@]}"  # the README's sample table: both recipes in the same precision
+                "${FAST_FLAGS[@]}"  # RECIPE_TUNING.md's sample table: both recipes in one precision
         done
     done
 fi

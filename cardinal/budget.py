@@ -16,7 +16,7 @@ The rule is two steps:
    (``LR_BY_STEPS``), a straight line in log-log between anchors and flat outside them, scaled linearly to
    the batch, and never above ``MAX_PEAK_LR``; a short SGD run wants a low peak, a long one a high one.
 
-Where the constants come from (fast recipe, resnet50; README, Recipes):
+Where the constants come from (fast recipe, resnet50; benchmarks/RECIPE_TUNING.md):
 
 - 130 steps an epoch: the sample's 1-epoch run at batch 32 (130 steps) beat batch 64 (65 steps), 26.4% against
   20.6% val_acc; on 35,000 full-size images 1 epoch at batch 256 (137 steps) beat batch 512 (69 steps): 39.6%
@@ -42,11 +42,11 @@ Where the constants come from (fast recipe, resnet50; README, Recipes):
   optimum does not set every length's: the GPU tune reads 8x at 5 and 10 epochs and 16x at 5 first. On the
   sample at 1 epoch (batch 32), 2x beat 1x by 3.2 points and 4x by 2.6 (val_acc, one seed). At 2x, on
   35,000 full-size images, Muon reached 83.9% val_acc at 5 epochs (batch 448) against AdamW's 72.2%, and
-  58.8% at 1 epoch (batch 256) against 53.3% (one seed each; README, Recipes).
+  58.8% at 1 epoch (batch 256) against 53.3% (one seed each).
 
 Every other combination is an interpolation. On one H200, full-size data (40,000 images, 3 seeds), AdamW
 made 53.2%, 73.2% and 82.5% dev-test accuracy at 1, 5 and 10 epochs at the earlier floor's batches 288, 512
-and 512 (README, Recipes).
+and 512.
 The resolved batch and LR are written to config.json, with ``budget_images``; a resumed run keeps them.
 """
 
@@ -64,9 +64,9 @@ BATCH_STEP = 32  # batches are multiples of this (tensor-core friendly, divisibl
 BATCH_RANGE = (32, 512)
 LR_BY_STEPS: Tuple[Tuple[int, float], ...] = ((390, 0.1), (980, 0.4), (1300, 1.6))  # (steps, peak LR per 256)
 MAX_PEAK_LR = 1.6  # after scaling to the batch
-ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (README, Recipes)
+ADAMW_PEAK_LR = 2e-3  # at ADAMW_PEAK_BATCH; swept at 1 epoch only (benchmarks/RECIPE_TUNING.md)
 ADAMW_PEAK_BATCH = 256
-MUON_LR_FACTOR = 4  # Muon's peak over AdamW's: on full-size data 4x beat 2x at 1 and 5 epochs (README, Recipes)
+MUON_LR_FACTOR = 4  # Muon's peak over AdamW's: on full-size data 4x beat 2x at 1 and 5 epochs (RECIPE_TUNING.md)
 ADAPTIVE_PEAK_FACTOR = {"adamw": 1, "muon": MUON_LR_FACTOR}  # the optimizers sized by AdamW's rule, times this
 SIZED_KNOBS = ("batch_size", "lr")
 

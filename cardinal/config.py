@@ -28,7 +28,7 @@ OPTIMIZERS = ("sgd", "adamw", "muon")
 # Knobs that change meaning with the optimizer, set when a run switches to it (unless given too): AdamW's
 # weight decay is decoupled (scaled by its LR, about 1e-3), so SGD's L2 penalty of 5e-4 would do nothing;
 # and its per-coordinate step is bounded by the LR, so it needs no clip against a first large gradient
-# (it was measured without one; README, Recipes). Muon (cardinal.muon) is scaled to AdamW's update size and
+# (it was measured without one; benchmarks/RECIPE_TUNING.md). Muon (cardinal.muon) is scaled to AdamW's update size and
 # takes AdamW's knobs.
 # SGD's are fast's measured SGD settings: an L2 penalty, and a clip at norm 1 (batch 512 diverges without).
 OPTIMIZER_KNOBS: Dict[str, Dict[str, Any]] = {"sgd": {"weight_decay": 5e-4, "grad_clip": 1.0},
@@ -91,7 +91,7 @@ RECIPES: Dict[str, Recipe] = {
         batch_size=32,  # stand-ins until cardinal.budget sizes both from the training split (README, Recipes):
         lr=0.02262,  # what it gives the CIFAR-10 sample (4,160 images): Muon's 2.83e-3 at batch 32
         lr_scale_batch=256,
-        optimizer="muon",  # beat AdamW on full-size data (5 epochs), which beat SGD at every length (README)
+        optimizer="muon",  # beat AdamW on full-size data at 1 and 5 epochs (benchmarks/RECIPE_TUNING.md)
         nesterov=True,  # with --optimizer sgd
         weight_decay=0.05,  # decoupled
         no_decay_norm_bias=True,

@@ -33,7 +33,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: 
 
     Why the classifier may want a lower LR: at initialisation its gradient is most of the network's (for
     resnet50 on CIFAR-10, norm 1.8 of 2.0) and its curvature is the highest, so one SGD step at LR 0.2 on it
-    alone raises the loss (2.33 to 3.03) while every other stage still lowers it at LR 0.8 (README, Recipes).
+    alone raises the loss (2.33 to 3.03) while every other stage still lowers it at LR 0.8
+    (benchmarks/RECIPE_TUNING.md).
     """
     head = {id(p) for p in head_parameters(model)} if head_lr_scale != 1 else set()
     banks = filter_banks(model) if muon else {}

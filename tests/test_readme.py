@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = (README, ROOT / "benchmarks" / "RECIPE_TUNING.md")  # every command in these must parse
 
 
 def _python_blocks():
@@ -28,16 +30,25 @@ def test_architecture_table_matches_the_registry():
         assert int(rows[name].replace(",", "")) == model_cost(build_model(name)).params
 
 
-# --- every command of the README parses with its exact flags; the cheap ones run for real -----------------
+def test_every_repository_path_the_docs_name_exists():
+    for doc in DOCS:
+        named = set(re.findall(r"`((?:cardinal|benchmarks|launch|tests|\.ci)/[\w./-]*\w)`", doc.read_text()))
+        assert named, doc
+        missing = sorted(path for path in named if not (ROOT / path).exists())
+        assert not missing, f"{doc.name} names files that do not exist: {missing}"
+
+
+# --- every command of the docs parses with its exact flags; the cheap ones run for real -------------------
 
 LAUNCH_VALUES = ("--num_processes", "--num_machines", "--mixed_precision", "--dynamo_backend")
 
 
 def readme_commands():
-    """(launcher tokens, module, arguments, source line) of every ``-m cardinal.X`` command in a bash block;
-    line continuations joined, shell variables and loop variables replaced by their (first) value."""
+    """(launcher tokens, module, arguments, source line) of every ``-m cardinal.X`` command in a bash block of
+    the docs; line continuations joined, shell variables and loop variables replaced by their (first) value."""
     found = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+    blocks = [block for doc in DOCS for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), flags=re.S)]
+    for block in blocks:
         variables = {}
         for line in block.replace("\\\n", " ").splitlines():
             for name, value in re.findall(r"\bfor (\w+) in (\S+)", line):
