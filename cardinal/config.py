@@ -110,6 +110,9 @@ RECIPES: Dict[str, Recipe] = {
 }
 RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 WARMUP_KNOBS = ("warmup_epochs", "warmup_fraction")  # two ways to say one thing: the one given wins
+# How knobs got their values, not what a run computes: a batch and LR the rule sized train exactly as the
+# same ones given by flag, so comparisons of runs (cardinal.summary) leave these out of a run's conditions.
+PROVENANCE_FIELDS = ("sized_by_budget", "budget_images")
 
 
 def saved_recipe(values: Dict[str, Any]) -> Recipe:

@@ -149,3 +149,55 @@ def test_one_recipe_run_two_ways_gets_a_gap_with_a_verdict(tmp_path):
     assert setup.method == "paired" and setup.verdict == stats.NOT_DISTINGUISHABLE
     (recipe,) = gaps[gaps["kind"] == "recipe"].itertuples()  # fast eager vs seed compiled: two differences
     assert "compiled" in recipe.model and "compiled" in recipe.baseline
+
+
+def test_a_knob_given_by_flag_and_the_same_value_sized_by_the_budget_rule_are_one_setting(tmp_path):
+    """How a knob got its value (sized_by_budget, budget_images) is bookkeeping: the runs compute the same."""
+    sized = {"batch_size": 64, "lr": 0.02, "sized_by_budget": ("batch_size", "lr"), "budget_images": 2048}
+    write_run(tmp_path / "sized", "tiny_resnet", 0, [40.0, 50.0], recipe="fast", overrides=sized)
+    write_run(tmp_path / "given", "tiny_resnet", 1, [41.0, 51.0], recipe="fast",
+              overrides={"batch_size": 64, "lr": 0.02, "sized_by_budget": (), "budget_images": 0})
+    write_run(tmp_path / "other-lr", "tiny_resnet", 0, [42.0, 52.0], recipe="fast",
+              overrides={**sized, "lr": 0.04})
+    result = summary.summarize([tmp_path])
+    assert sorted(len(g.runs) for g in result.groups) == [1, 2]
+    assert not any("sized_by_budget" in g.label or "budget_images" in g.label for g in result.groups)
+
+
+@pytest.fixture
+def lr_sweep(tmp_path):
+    """Four LRs of one recipe and the reference recipe, 2 seeds each, all 3 epochs long."""
+    finals = {0.05: 61.0, 0.1: 64.0, 0.2: 66.0, 0.4: 58.0}
+    for lr, final in finals.items():
+        for seed in (0, 1):
+            write_run(tmp_path / f"fast-lr{lr}-{seed}", "tiny_resnet", seed, _curve(final + seed, 3), recipe="fast",
+                      overrides={"lr": lr})
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed-{seed}", "tiny_resnet", seed, _curve(40.0 + seed, 3))
+    return tmp_path
+
+
+def test_a_sweep_is_answered_each_setting_against_its_best(lr_sweep, capsys, monkeypatch):
+    result = summary.summarize([lr_sweep])
+    gaps = result.final_gaps
+    against_seed = gaps[gaps["baseline"].str.contains("seed")]
+    assert len(against_seed) == 4 and (against_seed["gap"] > 0).all() and not against_seed["against_best"].any()
+    sweep = gaps[~gaps["baseline"].str.contains("seed")]
+    assert len(sweep) == 3 and sweep["against_best"].all()  # not the 6 pairs of four settings
+    assert set(sweep["model"]) == {"tiny_resnet (fast, lr=0.2)"}
+    assert sweep["gap"].tolist() == pytest.approx([2.0, 5.0, 8.0])  # next best first, as the final table
+    fast_pairs = result.recipe_gaps[~result.recipe_gaps["baseline"].str.contains("seed")]
+    assert len(fast_pairs[fast_pairs["epoch"] == 3]) == 6  # --all keeps every pair
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = _summary([lr_sweep], capsys)
+    assert code == 0 and "each against the best of them" in " ".join(out.split())
+
+
+def test_two_or_three_settings_keep_every_pair(tmp_path):
+    for lr, final in ((0.1, 60.0), (0.2, 62.0)):
+        for seed in (0, 1):
+            write_run(tmp_path / f"lr{lr}-{seed}", "tiny_resnet", seed, _curve(final + seed, 3), recipe="fast",
+                      overrides={"lr": lr})
+    write_run(tmp_path / "resnext", "tiny_resnext", 0, _curve(61.0, 3), recipe="fast", overrides={"lr": 0.1})
+    gaps = summary.summarize([tmp_path]).final_gaps
+    assert len(gaps) == 2 and not gaps["against_best"].any()

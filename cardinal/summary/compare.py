@@ -35,6 +35,7 @@ from cardinal.summary.load import (
 RUN_AS = ("precision", "channels_last")
 RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch", *RUN_AS)  # with every KNOB: what a recipe decides
 BASELINE_RECIPE = "seed"  # the reference study's recipe: the baseline of every recipe gap it is part of
+SWEEP_SIZE = 3  # settings compared with one another from which the answer sets each against the best only
 ACCURACY_LIMITS = (0.0, 100.0)
 GAP_LIMITS = (-100.0, 100.0)
 GAP_COLUMNS = ["model", "baseline", "epoch", "metric", "model_value", "baseline_value", "gap", "low", "high",
@@ -250,20 +251,66 @@ def speed_ratios(groups: list[Group]) -> pd.DataFrame:
     return pd.DataFrame([speed_row(model, baseline) for model, baseline in arch_pairs(groups)])
 
 
+def _mean_at(group: Group, epoch: int, metric: str = "test_acc") -> float:
+    return float(np.mean([r[metric] for _, r in group.at_epoch(epoch)]))
+
+
+def _families(pairs: list[tuple[Group, Group]]) -> list[list[tuple[Group, Group]]]:
+    """The pairs split into sets of groups compared with one another at one epoch (connected by pairs)."""
+    families: list[list[tuple[Group, Group]]] = []
+    members: list[set[int]] = []
+    for pair in pairs:
+        epoch = end_epoch(*pair)
+        touching = [i for i, family in enumerate(families)
+                    if end_epoch(*family[0]) == epoch and members[i] & {id(pair[0]), id(pair[1])}]
+        merged = [pair] + [p for i in touching for p in families[i]]
+        ids = {id(pair[0]), id(pair[1])}.union(*(members[i] for i in touching))
+        families = [f for i, f in enumerate(families) if i not in touching] + [merged]
+        members = [m for i, m in enumerate(members) if i not in touching] + [ids]
+    return [sorted(family, key=pairs.index) for family in families]
+
+
+def _against_the_best(pairs: list[tuple[Group, Group]]) -> tuple[list[tuple[Group, Group]], set[tuple[int, int]]]:
+    """A sweep's answer: where SWEEP_SIZE or more settings were each compared with every other at one epoch,
+    each against the best of them (n - 1 gaps that say which settings the best is surely ahead of, where all
+    pairs would be n (n - 1) / 2). Pairs with the reference recipe stay as they are. Returns the pairs and
+    the ids of those set against a best; every pair stays in the per-epoch tables (--all)."""
+    kept: list[tuple[Group, Group]] = []
+    against_best: set[tuple[int, int]] = set()
+    for family in _families(pairs):
+        groups = list({id(g): g for pair in family for g in pair}.values())
+        others = [g for g in groups if g.recipe_name != BASELINE_RECIPE]
+        complete = len(family) == len(groups) * (len(groups) - 1) // 2
+        if not complete or len(others) < SWEEP_SIZE:
+            kept += family
+            continue
+        epoch = end_epoch(*family[0])
+        best = max(others, key=lambda g: _mean_at(g, epoch))  # the first of equals
+        kept += [p for p in family if any(g.recipe_name == BASELINE_RECIPE for g in p)]
+        swept = [(best, g) for g in sorted(others, key=lambda g: -_mean_at(g, epoch)) if g is not best]
+        kept += swept
+        against_best |= {(id(m), id(b)) for m, b in swept}
+    return kept, against_best
+
+
 def final_gaps(groups: list[Group]) -> pd.DataFrame:
     """Arch against arch within one recipe, recipe against recipe within one arch, then one recipe run two
-    ways, each at the end of two finished groups of the same length, with the speed ratio beside the gap."""
+    ways, each at the end of two finished groups of the same length, with the speed ratio beside the gap; a
+    sweep's settings against its best (``_against_the_best``, the ``against_best`` column)."""
     index = {id(g): i for i, g in enumerate(groups)}
     rows = []
     for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)),
                         ("setup", setup_pairs(groups))):
-        for model, baseline in pairs:
-            epoch = end_epoch(model, baseline)
-            if epoch is None or not all(g.finished() or g.length > epoch for g in (model, baseline)):
-                continue
+        ended = [(m, b) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
+                 and all(g.finished() or g.length > epoch for g in (m, b))]
+        kept, against_best = _against_the_best(ended)
+        for model, baseline in kept:
             speed = speed_row(model, baseline)
-            rows.append({**gap_row(model, baseline, epoch), "kind": kind, "model_index": index[id(model)],
-                         "baseline_index": index[id(baseline)], "ratio": speed["ratio"],
-                         "ratio_verdict": speed["verdict"], "ratio_too_wide": speed["too_wide"]})
-    columns = GAP_COLUMNS + ["kind", "model_index", "baseline_index", "ratio", "ratio_verdict", "ratio_too_wide"]
+            rows.append({**gap_row(model, baseline, end_epoch(model, baseline)), "kind": kind,
+                         "model_index": index[id(model)], "baseline_index": index[id(baseline)],
+                         "ratio": speed["ratio"], "ratio_verdict": speed["verdict"],
+                         "ratio_too_wide": speed["too_wide"],
+                         "against_best": (id(model), id(baseline)) in against_best})
+    columns = GAP_COLUMNS + ["kind", "model_index", "baseline_index", "ratio", "ratio_verdict", "ratio_too_wide",
+                             "against_best"]
     return pd.DataFrame(rows, columns=columns).sort_values("epoch", ascending=False, kind="stable")

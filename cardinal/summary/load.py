@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cardinal.cli import MAX_SEED, CardinalError
-from cardinal.config import saved_recipe
+from cardinal.config import PROVENANCE_FIELDS, saved_recipe
 from cardinal.records import CONFIG_NAME, CSV_NAME, RUN_COLUMNS, speed_includes_warm_up, steady_state
 
 REQUIRED = ("epoch", "test_acc", "img_per_s", "arch", "seed")
@@ -273,7 +273,8 @@ def run_conditions(frame: pd.DataFrame, config: dict[str, Any] | None) -> Condit
     if config is not None:
         conditions.append(("recipe", _plain(config.get("recipe_name", recipe_name))))
         conditions.append(("recipe_resolved", True))
-        conditions += [(KNOB + str(k), _plain(v)) for k, v in sorted(config["recipe"].items())]
+        conditions += [(KNOB + str(k), _plain(v)) for k, v in sorted(config["recipe"].items())
+                       if k not in PROVENANCE_FIELDS]
     else:
         conditions += [("recipe", recipe_name), ("recipe_resolved", False)]
     conditions += [(c, _column_value(frame, c)) for c in CSV_CONDITIONS]

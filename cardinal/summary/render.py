@@ -123,6 +123,8 @@ def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     words = []
     if not summary.final_gaps.empty:
         words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
+        if summary.final_gaps["against_best"].any():
+            words.append("3 or more settings compared with one another: each against the best of them.")
     elif len(summary.groups) > 1:
         words.append("No gaps: no two finished settings of equal length differ only in arch, in recipe or in "
                      "how they ran.")
