@@ -584,7 +584,7 @@ def test_study_leaves_one_run_per_arch_and_seed_and_a_summary(study):
         f"{arch}-seed-synthetic-seed{seed}" for arch in ARCHS for seed in (0, 1))
     text = (study / "summary.md").read_text()
     assert "## Results" in text and "## Takeaways" in text and all(arch in text for arch in ARCHS)
-    assert "tiny_resnext (seed) - tiny_resnet (seed)" in text and "95%" in text
+    assert "| tiny_resnext vs tiny_resnet |" in text and "95%" in text
     assert json.loads((study / "study.json").read_text())["archs"] == list(ARCHS)
 
 

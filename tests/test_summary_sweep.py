@@ -201,3 +201,18 @@ def test_two_or_three_settings_keep_every_pair(tmp_path):
     write_run(tmp_path / "resnext", "tiny_resnext", 0, _curve(61.0, 3), recipe="fast", overrides={"lr": 0.1})
     gaps = summary.summarize([tmp_path]).final_gaps
     assert len(gaps) == 2 and not gaps["against_best"].any()
+
+
+def test_the_per_epoch_tables_name_settings_by_what_tells_them_apart(lr_sweep):
+    write_run(lr_sweep / "fast-lr0.2-long", "tiny_resnet", 0, _curve(70.0, 5), recipe="fast", overrides={"lr": 0.2})
+    result = summary.summarize([lr_sweep])
+    wide = render_table(result, 400, everything=True)
+    results = wide.split("Results")[1].split("Models")[0]
+    names = {line.split("│")[1].strip() for line in results.splitlines() if line.startswith("│")}
+    assert names == {"fast, epochs=3, lr=0.05", "fast, epochs=3, lr=0.1", "fast, epochs=3, lr=0.2",
+                     "fast, epochs=3, lr=0.4", "fast, epochs=5, lr=0.2", "seed"}  # the length where it varies
+    pairs = {line.split("│")[1].strip() for line in wide.split("Recipe gaps")[1].splitlines() if line.startswith("│")}
+    assert {"lr=0.1 vs lr=0.05 (fast, epochs=3)", "fast, epochs=3, lr=0.05 vs seed"} <= pairs
+    takeaways = " ".join(wide.split("Takeaways")[1].split())
+    assert "Compared only arch by arch" not in takeaways  # one arch: all there is to compare is compared
+    assert "tiny_resnet (fast, epochs=5, lr=0.2)" in takeaways  # sentences keep the full names

@@ -245,8 +245,9 @@ def _said_by_recipe_name(name: str) -> bool:
     return name.startswith(KNOB) or name in SETUP_KNOBS
 
 
-def legend(groups: list[Group]) -> Legend:
-    """Short labels for ``groups``; the planned length is left out (the table shows it as a column)."""
+def legend(groups: list[Group], with_length: bool = False) -> Legend:
+    """Short labels for ``groups``; the planned length only ``with_length`` (the final table shows it as a
+    column; per-epoch tables must name it where it varies)."""
     shared: list[str] = []
     by_recipe: dict[str, list[str]] = {}
     parts: list[list[tuple[str, str]]] = [[] for _ in groups]
@@ -263,7 +264,7 @@ def legend(groups: list[Group]) -> Legend:
                 parts[index].append(("recipe_resolved", "recipe unresolved"))
     names = dict.fromkeys(n for g in groups for n, _ in g.conditions)
     for name in names:
-        if name in ("recipe", "recipe_resolved", SHOWN_AS_BATCH, LENGTH):
+        if name in ("recipe", "recipe_resolved", SHOWN_AS_BATCH) or (name == LENGTH and not with_length):
             continue
         peers = [g for g in groups if g.resolved] if _said_by_recipe_name(name) else groups
         if not _varies(name, peers):

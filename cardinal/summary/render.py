@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cardinal import stats
-from cardinal.summary.group import Legend, legend
+from cardinal.summary.group import Group, Legend, legend
 from cardinal.summary.load import CUMULATIVE_TIME
 from cardinal.summary.takeaways import SPEED_NAME, gflops_text, interval_text, seeds_text, signed
 
@@ -136,37 +136,57 @@ def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ everything
-def result_view(results: pd.DataFrame) -> View:
+@dataclass
+class ShortNames:
+    """The per-epoch tables' names for settings and pairs: what tells them apart (the length included), the
+    rest said once above the tables."""
+
+    names: Legend
+    index: dict[str, int]
+
+    @classmethod
+    def of(cls, groups: list[Group]) -> ShortNames:
+        return cls(legend(groups, with_length=True), {g.label: i for i, g in enumerate(groups)})
+
+    def __call__(self, label: str) -> str:
+        return self.names.label(self.index[label])
+
+    def pair(self, model: str, baseline: str) -> str:
+        return self.names.pair(self.index[model], self.index[baseline])
+
+
+def result_view(results: pd.DataFrame, short: ShortNames) -> View:
     headers = ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI", "Train loss", "Train time s (cumul.)"]
-    rows = [[r["model"], str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2), _fmt(r["test_acc_ci95"], 2),
-             _fmt(r.get("train_loss", math.nan), 4), _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
+    rows = [[short(r["model"]), str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2),
+             _fmt(r["test_acc_ci95"], 2), _fmt(r.get("train_loss", math.nan), 4),
+             _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
             for _, r in results.iterrows()]
     return View("Results", headers, rows)
 
 
-def other_accuracy_view(results: pd.DataFrame) -> View | None:
+def other_accuracy_view(results: pd.DataFrame, short: ShortNames) -> View | None:
     """Validation, EMA and TTA accuracies, when the runs recorded any: beside test_acc, never instead."""
     present = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
     if not present:
         return None
     headers = ["Model", "Epoch", "Seeds"] + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in present]
-    rows = [[r["model"], str(r["epoch"]), str(r["runs"])] + [_mean_std(r, c, 2) for c in present]
+    rows = [[short(r["model"]), str(r["epoch"]), str(r["runs"])] + [_mean_std(r, c, 2) for c in present]
             for _, r in results.iterrows()]
     return View("Other accuracies", headers, rows)
 
 
-def model_view(models: pd.DataFrame) -> View:
+def model_view(models: pd.DataFrame, short: ShortNames) -> View:
     headers = ["Model", "Params (M)", "GFLOPs / image", "Best test acc % (epoch)", "Epochs", "Seeds"]
-    rows = [[m["model"], _fmt(m["params"] / 1e6, 2), gflops_text(m["gflops"]),
+    rows = [[short(m["model"]), _fmt(m["params"] / 1e6, 2), gflops_text(m["gflops"]),
              f"{m['best_test_acc']:.2f} ({m['best_epoch']})", str(m["epochs"]), str(m["runs"])]
             for _, m in models.iterrows()]
     return View("Models", headers, rows)
 
 
-def speed_view(models: pd.DataFrame) -> View:
+def speed_view(models: pd.DataFrame, short: ShortNames) -> View:
     headers = ["Model", f"{SPEED_NAME.capitalize()} (mean ± std)", "± 95% CI", "Median it/s", "TFLOP/s achieved",
                "Seeds"]
-    rows = [[m["model"], _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_with_warm_up"] else ""),
+    rows = [[short(m["model"]), _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_with_warm_up"] else ""),
              _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
              _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
             for _, m in models.iterrows()]
@@ -180,13 +200,13 @@ def _gap_cells(gap: pd.Series) -> list[str]:
     return [interval_text(gap["low"], gap["high"]), seeds, gap["verdict"]]
 
 
-def gap_view(gaps: pd.DataFrame, title: str) -> View | None:
+def gap_view(gaps: pd.DataFrame, title: str, short: ShortNames) -> View | None:
     if gaps.empty:
         return None
-    headers = ["Model - baseline", "Epoch", "Gap (points)", "95% interval", "Seeds", "Verdict"]
-    rows = [[f"{g['model']} - {g['baseline']}", str(g["epoch"]), signed(g["gap"]), *_gap_cells(g)]
+    headers = ["First vs second", "Epoch", "First - second (points)", "95% interval", "Seeds", "Verdict"]
+    rows = [[short.pair(g["model"], g["baseline"]), str(g["epoch"]), signed(g["gap"]), *_gap_cells(g)]
             for _, g in gaps.iterrows()]
-    return View(title, headers, rows, ("Model - baseline", "Seeds", "Verdict"))
+    return View(title, headers, rows, ("First vs second", "Seeds", "Verdict"))
 
 
 def answer_views(summary: Summary, names: Legend) -> list[View]:
@@ -194,9 +214,12 @@ def answer_views(summary: Summary, names: Legend) -> list[View]:
 
 
 def detail_views(summary: Summary) -> list[View]:
-    shown = [result_view(summary.results), other_accuracy_view(summary.results), model_view(summary.models),
-             speed_view(summary.models), gap_view(summary.gaps, "Test accuracy gaps (like with like)"),
-             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy (same arch, setup and length)")]
+    """The per-epoch tables, each setting named by what tells it apart (as in the answer, plus its length)."""
+    short = ShortNames.of(summary.groups)
+    shown = [result_view(summary.results, short), other_accuracy_view(summary.results, short),
+             model_view(summary.models, short), speed_view(summary.models, short),
+             gap_view(summary.gaps, "Test accuracy gaps (like with like)", short),
+             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy (same arch, setup and length)", short)]
     return [view for view in shown if view is not None]
 
 

@@ -74,7 +74,8 @@ def gap_line(r: Any) -> str:
 
 
 def not_compared_lines(groups: list[Group]) -> list[str]:
-    """One line per pair of condition sets: who is not compared with whom, and what differs."""
+    """One line per pair of condition sets: who is not compared with whom, and what differs; nothing where
+    two sets of one arch between them are compared as recipes or setups (all there is to compare)."""
     lines = []
     paired = {"recipe": recipe_pairs(groups), "setup": setup_pairs(groups)}
     for first, second in itertools.combinations(comparable_sets(groups), 2):
@@ -82,6 +83,8 @@ def not_compared_lines(groups: list[Group]) -> list[str]:
         members = {id(g) for g in first + second}
         kind = next((kind for kind, pairs in paired.items()
                      if any({id(model), id(baseline)} <= members for model, baseline in pairs)), None)
+        if kind and len({g.arch for g in first + second}) == 1:
+            continue
         lead = f"Compared only arch by arch, as {kind} gaps" if kind else "Not compared"
         lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
                      f"({what}).")
