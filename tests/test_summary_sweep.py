@@ -216,3 +216,13 @@ def test_the_per_epoch_tables_name_settings_by_what_tells_them_apart(lr_sweep):
     takeaways = " ".join(wide.split("Takeaways")[1].split())
     assert "Compared only arch by arch" not in takeaways  # one arch: all there is to compare is compared
     assert "tiny_resnet (fast, epochs=5, lr=0.2)" in takeaways  # sentences keep the full names
+
+
+def test_a_sweep_of_archs_under_the_reference_recipe_is_answered_against_its_best(tmp_path):
+    finals = {"tiny_resnet": 60.0, "tiny_resnext": 63.0, "resnext50_flat128": 61.0}
+    for arch, final in finals.items():
+        for seed in (0, 1):
+            write_run(tmp_path / f"{arch}-{seed}", arch, seed, _curve(final + seed, 3))
+    gaps = summary.summarize([tmp_path]).final_gaps
+    assert len(gaps) == 2 and gaps["against_best"].all() and set(gaps["kind"]) == {"arch"}
+    assert set(gaps["model"]) == {"tiny_resnext (seed)"} and gaps["gap"].tolist() == pytest.approx([2.0, 3.0])

@@ -35,6 +35,7 @@ from cardinal.summary.load import (
 RUN_AS = ("precision", "channels_last")
 RECIPE_CONDITIONS = ("recipe", "recipe_resolved", "global_batch", *RUN_AS)  # with every KNOB: what a recipe decides
 BASELINE_RECIPE = "seed"  # the reference study's recipe: the baseline of every recipe gap it is part of
+Pair = tuple[Group, Group]  # (model, baseline): a gap is model - baseline
 SWEEP_SIZE = 3  # settings compared with one another from which the answer sets each against the best only
 ACCURACY_LIMITS = (0.0, 100.0)
 GAP_LIMITS = (-100.0, 100.0)
@@ -255,9 +256,9 @@ def _mean_at(group: Group, epoch: int, metric: str = "test_acc") -> float:
     return float(np.mean([r[metric] for _, r in group.at_epoch(epoch)]))
 
 
-def _families(pairs: list[tuple[Group, Group]]) -> list[list[tuple[Group, Group]]]:
+def _families(pairs: list[Pair]) -> list[list[Pair]]:
     """The pairs split into sets of groups compared with one another at one epoch (connected by pairs)."""
-    families: list[list[tuple[Group, Group]]] = []
+    families: list[list[Pair]] = []
     members: list[set[int]] = []
     for pair in pairs:
         epoch = end_epoch(*pair)
@@ -270,23 +271,23 @@ def _families(pairs: list[tuple[Group, Group]]) -> list[list[tuple[Group, Group]
     return [sorted(family, key=pairs.index) for family in families]
 
 
-def _against_the_best(pairs: list[tuple[Group, Group]]) -> tuple[list[tuple[Group, Group]], set[tuple[int, int]]]:
+def _against_the_best(pairs: list[Pair], kind: str) -> tuple[list[Pair], set[tuple[int, int]]]:
     """A sweep's answer: where SWEEP_SIZE or more settings were each compared with every other at one epoch,
     each against the best of them (n - 1 gaps that say which settings the best is surely ahead of, where all
-    pairs would be n (n - 1) / 2). Pairs with the reference recipe stay as they are. Returns the pairs and
-    the ids of those set against a best; every pair stays in the per-epoch tables (--all)."""
-    kept: list[tuple[Group, Group]] = []
+    pairs would be n (n - 1) / 2). Recipe pairs with the reference recipe stay as they are. Returns the pairs
+    and the ids of those set against a best; every pair stays in the per-epoch tables (--all)."""
+    kept: list[Pair] = []
     against_best: set[tuple[int, int]] = set()
     for family in _families(pairs):
         groups = list({id(g): g for pair in family for g in pair}.values())
-        others = [g for g in groups if g.recipe_name != BASELINE_RECIPE]
+        others = [g for g in groups if kind != "recipe" or g.recipe_name != BASELINE_RECIPE]
         complete = len(family) == len(groups) * (len(groups) - 1) // 2
         if not complete or len(others) < SWEEP_SIZE:
             kept += family
             continue
         epoch = end_epoch(*family[0])
         best = max(others, key=lambda g: _mean_at(g, epoch))  # the first of equals
-        kept += [p for p in family if any(g.recipe_name == BASELINE_RECIPE for g in p)]
+        kept += [p for p in family if any(g not in others for g in p)]
         swept = [(best, g) for g in sorted(others, key=lambda g: -_mean_at(g, epoch)) if g is not best]
         kept += swept
         against_best |= {(id(m), id(b)) for m, b in swept}
@@ -303,7 +304,7 @@ def final_gaps(groups: list[Group]) -> pd.DataFrame:
                         ("setup", setup_pairs(groups))):
         ended = [(m, b) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
                  and all(g.finished() or g.length > epoch for g in (m, b))]
-        kept, against_best = _against_the_best(ended)
+        kept, against_best = _against_the_best(ended, kind)
         for model, baseline in kept:
             speed = speed_row(model, baseline)
             rows.append({**gap_row(model, baseline, end_epoch(model, baseline)), "kind": kind,
