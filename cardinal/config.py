@@ -28,8 +28,8 @@ OPTIMIZERS = ("sgd", "adamw", "muon")
 # Knobs that change meaning with the optimizer, set when a run switches to it (unless given too): AdamW's
 # weight decay is decoupled (scaled by its LR, about 1e-3), so SGD's L2 penalty of 5e-4 would do nothing;
 # and its per-coordinate step is bounded by the LR, so it needs no clip against a first large gradient
-# (it was measured without one; benchmarks/RECIPE_TUNING.md). Muon (cardinal.muon) is scaled to AdamW's update size and
-# takes AdamW's knobs.
+# (it was measured without one; benchmarks/RECIPE_TUNING.md). Muon (cardinal.muon) is scaled to AdamW's
+# update size and takes AdamW's knobs.
 # SGD's are fast's measured SGD settings: an L2 penalty, and a clip at norm 1 (batch 512 diverges without).
 OPTIMIZER_KNOBS: Dict[str, Dict[str, Any]] = {"sgd": {"weight_decay": 5e-4, "grad_clip": 1.0},
                                               "adamw": {"weight_decay": 0.05, "grad_clip": 0.0},

@@ -257,18 +257,14 @@ def _mean_at(group: Group, epoch: int, metric: str = "test_acc") -> float:
 
 
 def _families(pairs: list[Pair]) -> list[list[Pair]]:
-    """The pairs split into sets of groups compared with one another at one epoch (connected by pairs)."""
-    families: list[list[Pair]] = []
-    members: list[set[int]] = []
+    """The pairs split into families: groups compared with one another at one epoch, linked by pairs."""
+    families: list[tuple[int | None, set[int], list[Pair]]] = []  # (epoch, group ids, pairs)
     for pair in pairs:
-        epoch = end_epoch(*pair)
-        touching = [i for i, family in enumerate(families)
-                    if end_epoch(*family[0]) == epoch and members[i] & {id(pair[0]), id(pair[1])}]
-        merged = [pair] + [p for i in touching for p in families[i]]
-        ids = {id(pair[0]), id(pair[1])}.union(*(members[i] for i in touching))
-        families = [f for i, f in enumerate(families) if i not in touching] + [merged]
-        members = [m for i, m in enumerate(members) if i not in touching] + [ids]
-    return [sorted(family, key=pairs.index) for family in families]
+        epoch, ids = end_epoch(*pair), {id(g) for g in pair}
+        linked = [f for f in families if f[0] == epoch and f[1] & ids]
+        families = [f for f in families if not any(f is g for g in linked)]
+        families.append((epoch, ids.union(*(f[1] for f in linked)), [p for f in linked for p in f[2]] + [pair]))
+    return [sorted(family, key=pairs.index) for _, _, family in families]
 
 
 def _against_the_best(pairs: list[Pair], kind: str) -> tuple[list[Pair], set[tuple[int, int]]]:
