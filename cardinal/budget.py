@@ -39,7 +39,8 @@ Where the constants come from (fast recipe, resnet50; benchmarks/RECIPE_TUNING.m
 - Muon's four times AdamW's peak: on 35,000 full-size images at batch 256, 4x beat 2x at 1 epoch in both
   seeds measured (64.0% and 62.9% val_acc against 58.8% and 58.2%) and at 5 epochs (86.3% against 85.2%, one
   seed; CPU). At 1 epoch 8x and 16x went higher still (67.6% and 66.8%; 68.9% and 68.8%), but one length's
-  optimum does not set every length's: the GPU tune reads 8x at 5 and 10 epochs and 16x at 5 first. On the
+  optimum does not set every length's: at 5 epochs 8x ended 0.4 points above 4x (86.7% against 86.3%, one
+  seed; behind at epochs 1 and 2, level at 3 and 4), and the GPU tune reads 8x at 10 epochs. On the
   sample at 1 epoch (batch 32), 2x beat 1x by 3.2 points and 4x by 2.6 (val_acc, one seed). At 2x, on
   35,000 full-size images, Muon reached 83.9% val_acc at 5 epochs (batch 448) against AdamW's 72.2%, and
   58.8% at 1 epoch (batch 256) against 53.3% (one seed each).
