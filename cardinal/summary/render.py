@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cardinal import stats
+from cardinal.summary.compare import SWEEP_SIZE
 from cardinal.summary.group import Group, Legend, legend
 from cardinal.summary.load import CUMULATIVE_TIME
 from cardinal.summary.takeaways import SPEED_NAME, gflops_text, interval_text, seeds_text, signed
@@ -124,7 +125,8 @@ def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
     if not summary.final_gaps.empty:
         words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
         if summary.final_gaps["against_best"].any():
-            words.append("3 or more settings compared with one another: each against the best of them.")
+            words.append(f"{SWEEP_SIZE} or more settings compared with one another: each against the best of "
+                         "them.")
     elif len(summary.groups) > 1:
         words.append("No gaps: no two finished settings of equal length differ only in arch, in recipe or in "
                      "how they ran.")
