@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,6 +41,14 @@ ACCURACY_LIMITS = (0.0, 100.0)
 GAP_LIMITS = (-100.0, 100.0)
 GAP_COLUMNS = ["model", "baseline", "epoch", "metric", "model_value", "baseline_value", "gap", "low", "high",
                "method", "n_model", "n_baseline", "verdict", "too_wide"]
+
+
+class Ended(NamedTuple):
+    """A pair compared at the end of both runs, with the epoch it is compared at."""
+
+    model: Group
+    baseline: Group
+    epoch: int
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -119,7 +127,7 @@ def final_table(groups: list[Group]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- pairs
-def arch_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+def arch_pairs(groups: list[Group]) -> list[Pair]:
     """(model, baseline): every later group against every earlier one of the same set of conditions."""
     return [(model, baseline) for members in comparable_sets(groups)
             for baseline, model in itertools.combinations(members, 2)]
@@ -154,7 +162,7 @@ def end_epoch(model: Group, baseline: Group) -> int | None:
     return None
 
 
-def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+def recipe_pairs(groups: list[Group]) -> list[Pair]:
     """(model, baseline): groups of one arch and one setup that differ in the recipe only (two recipes of
     different names may run in different precisions), of one length, or one of them a recipe whose epochs are
     runs of their own that stands for the other's length (see ``end_epoch``; one such group per recipe, none
@@ -163,7 +171,7 @@ def recipe_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
     by_setup: dict[tuple[str, Conditions], list[Group]] = {}
     for group in groups:
         by_setup.setdefault(_recipe_key(group), []).append(group)
-    pairs: list[tuple[Group, Group]] = []
+    pairs: list[Pair] = []
     for members in by_setup.values():
         stand_ins: dict[tuple[int, Conditions], tuple[int, Group, Group]] = {}  # (fixed, free recipe): best
         for first, second in itertools.combinations(members, 2):
@@ -197,7 +205,7 @@ def _unsized(group: Group) -> Conditions:
 HOW_RUN = ("compiled", *RUN_AS)  # how one recipe was run: whether that changes its result is a question too
 
 
-def setup_pairs(groups: list[Group]) -> list[tuple[Group, Group]]:
+def setup_pairs(groups: list[Group]) -> list[Pair]:
     """(model, baseline): groups of one arch, one resolved recipe and one length that differ only in how they
     were run (compilation, precision, memory format), the group that appears first as the baseline."""
     by_rest: dict[tuple[str, int, Conditions], list[Group]] = {}
@@ -221,7 +229,7 @@ def gap_row(model: Group, baseline: Group, epoch: int, metric: str = "test_acc")
             "too_wide": stats.too_wide(interval.low, interval.high, *GAP_LIMITS)}
 
 
-def gap_table(pairs: list[tuple[Group, Group]], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
+def gap_table(pairs: list[Pair], results: pd.DataFrame, metric: str = "test_acc") -> pd.DataFrame:
     """Per (model, baseline) pair and epoch both report: see ``gap_row``."""
     rows = []
     for model, baseline in pairs if not results.empty else []:
@@ -256,37 +264,37 @@ def _mean_at(group: Group, epoch: int, metric: str = "test_acc") -> float:
     return float(np.mean([r[metric] for _, r in group.at_epoch(epoch)]))
 
 
-def _families(pairs: list[Pair]) -> list[list[Pair]]:
+def _families(pairs: list[Ended]) -> list[list[Ended]]:
     """The pairs split into families: groups compared with one another at one epoch, linked by pairs."""
-    families: list[tuple[int | None, set[int], list[Pair]]] = []  # (epoch, group ids, pairs)
+    families: list[tuple[int, set[int], list[Ended]]] = []  # (epoch, group ids, pairs)
     for pair in pairs:
-        epoch, ids = end_epoch(*pair), {id(g) for g in pair}
-        linked = [f for f in families if f[0] == epoch and f[1] & ids]
+        ids = {id(pair.model), id(pair.baseline)}
+        linked = [f for f in families if f[0] == pair.epoch and f[1] & ids]
         families = [f for f in families if not any(f is g for g in linked)]
-        families.append((epoch, ids.union(*(f[1] for f in linked)), [p for f in linked for p in f[2]] + [pair]))
+        families.append((pair.epoch, ids.union(*(f[1] for f in linked)), [p for f in linked for p in f[2]] + [pair]))
     return [sorted(family, key=pairs.index) for _, _, family in families]
 
 
-def _against_the_best(pairs: list[Pair], kind: str) -> tuple[list[Pair], set[tuple[int, int]]]:
+def _against_the_best(pairs: list[Ended], kind: str) -> tuple[list[Ended], set[tuple[int, int]]]:
     """A sweep's answer: where SWEEP_SIZE or more settings were each compared with every other at one epoch,
     each against the best of them (n - 1 gaps that say which settings the best is surely ahead of, where all
     pairs would be n (n - 1) / 2). Recipe pairs with the reference recipe stay as they are. Returns the pairs
     and the ids of those set against a best; every pair stays in the per-epoch tables (--all)."""
-    kept: list[Pair] = []
+    kept: list[Ended] = []
     against_best: set[tuple[int, int]] = set()
     for family in _families(pairs):
-        groups = list({id(g): g for pair in family for g in pair}.values())
+        groups = list({id(g): g for pair in family for g in (pair.model, pair.baseline)}.values())
         others = [g for g in groups if kind != "recipe" or g.recipe_name != BASELINE_RECIPE]
         complete = len(family) == len(groups) * (len(groups) - 1) // 2
         if not complete or len(others) < SWEEP_SIZE:
             kept += family
             continue
-        epoch = end_epoch(*family[0])
+        epoch = family[0].epoch
         best = max(others, key=lambda g: _mean_at(g, epoch))  # the first of equals
-        kept += [p for p in family if any(g not in others for g in p)]
-        swept = [(best, g) for g in sorted(others, key=lambda g: -_mean_at(g, epoch)) if g is not best]
+        kept += [p for p in family if p.model not in others or p.baseline not in others]
+        swept = [Ended(best, g, epoch) for g in sorted(others, key=lambda g: -_mean_at(g, epoch)) if g is not best]
         kept += swept
-        against_best |= {(id(m), id(b)) for m, b in swept}
+        against_best |= {(id(p.model), id(p.baseline)) for p in swept}
     return kept, against_best
 
 
@@ -298,12 +306,12 @@ def final_gaps(groups: list[Group]) -> pd.DataFrame:
     rows = []
     for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)),
                         ("setup", setup_pairs(groups))):
-        ended = [(m, b) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
+        ended = [Ended(m, b, epoch) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
                  and all(g.finished() or g.length > epoch for g in (m, b))]
         kept, against_best = _against_the_best(ended, kind)
-        for model, baseline in kept:
+        for model, baseline, epoch in kept:
             speed = speed_row(model, baseline)
-            rows.append({**gap_row(model, baseline, end_epoch(model, baseline)), "kind": kind,
+            rows.append({**gap_row(model, baseline, epoch), "kind": kind,
                          "model_index": index[id(model)], "baseline_index": index[id(baseline)],
                          "ratio": speed["ratio"], "ratio_verdict": speed["verdict"],
                          "ratio_too_wide": speed["too_wide"],
