@@ -313,7 +313,7 @@ def test_recipes_of_one_arch_and_setup_are_compared_with_the_reference_as_baseli
     across = [line for line in result.takeaways if line.startswith("Compared only arch by arch, as recipe gaps: ")]
     assert len(across) == 1 and "recipe seed vs fast" in across[0]
     code, out, _ = _summary([tmp_path, "--format", "markdown"], capsys)
-    assert code == 0 and "## Recipe gaps in test accuracy (same arch, setup and length)" in out
+    assert code == 0 and "## Recipe gaps in test accuracy, same arch, setup and length" in out
 
 
 @pytest.mark.parametrize("change", [{"compiled": True}, {"train_images": 1024}, {"world_size": 2}])
@@ -501,11 +501,12 @@ def test_markdown_parses_into_tables(mixed, capsys, tmp_path):
     assert code == 0 and (tmp_path / "s.md").read_text() == out
     results = [line for line in out.split("## Results")[1].split("## Models")[0].splitlines() if line.startswith("|")]
     header = [c.strip() for c in results[0].strip("|").split("|")]
-    assert header[:5] == ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI"]
+    assert header[:5] == ["Setting", "Epoch", "Seeds", "Test acc % ± std", "± 95%"]
     body = [[c.strip() for c in line.strip("|").split("|")] for line in results[2:]]
     assert all(len(cells) == len(header) for cells in body)
     assert {int(cells[1]) for cells in body} == {1, 3}  # default: epochs 1, 5 (absent) and the last
-    assert "## Test accuracy gaps (like with like)" in out and "| significant at 95% |" in out
+    assert "## Test accuracy gaps, like with like" in out and "| sig. |" in out
+    assert "sig./n.s.: the gap's 95% interval excludes/contains 0" in out
 
 
 @pytest.mark.parametrize("epochs", [[1.0, 2.0, 3.0], [1.0]])

@@ -9,7 +9,7 @@ import pytest
 from test_summary import _summary, write_run
 
 from cardinal import stats, summary
-from cardinal.summary.render import render_table
+from cardinal.summary.render import render_markdown, render_table
 
 FAST = {"recipe": "fast", "precision": "bf16", "channels_last": True, "device": "NVIDIA H200"}
 SEED = {"device": "NVIDIA H200"}
@@ -103,7 +103,10 @@ def test_unfinished_setting_shows_how_far_it_got_and_gets_no_final_gap(tmp_path)
     result = summary.summarize([tmp_path])
     assert result.final_gaps.empty
     text = render_table(result, 80)
-    assert re.search(r"tiny_resnext\s+2 of 3\s", text) and "No gaps" in text
+    assert re.search(r"tiny_resnext\s+2 of 3\s", text) and "No gaps" in text and "sig./n.s." not in text
+    everything = " ".join(render_table(result, 80, everything=True).split())
+    assert "Test accuracy gaps, like with like" in everything  # epochs 1 and 2, each with its verdict...
+    assert "No gaps at the end of runs" in everything and "sig./n.s.: the gap's 95% interval" in everything  # ...read
 
 
 def test_intervals_too_wide_to_mean_anything_are_said_so(tmp_path, capsys, monkeypatch):
@@ -206,14 +209,19 @@ def test_two_or_three_settings_keep_every_pair(tmp_path):
 def test_the_per_epoch_tables_name_settings_by_what_tells_them_apart(lr_sweep):
     write_run(lr_sweep / "fast-lr0.2-long", "tiny_resnet", 0, _curve(70.0, 5), recipe="fast", overrides={"lr": 0.2})
     result = summary.summarize([lr_sweep])
-    wide = render_table(result, 400, everything=True)
-    results = wide.split("Results")[1].split("Models")[0]
-    names = {line.split("│")[1].strip() for line in results.splitlines() if line.startswith("│")}
-    assert names == {"fast, epochs=3, lr=0.05", "fast, epochs=3, lr=0.1", "fast, epochs=3, lr=0.2",
-                     "fast, epochs=3, lr=0.4", "fast, epochs=5, lr=0.2", "seed"}  # the length where it varies
-    pairs = {line.split("│")[1].strip() for line in wide.split("Recipe gaps")[1].splitlines() if line.startswith("│")}
+    text = render_markdown(result)
+
+    def first_cells(section: str) -> list[str]:
+        rows = text.split(f"## {section}")[1].split("\n## ")[0].splitlines()[4:]
+        return [row.split("|")[1].strip() for row in rows if row.startswith("|")]
+
+    names = first_cells("Results per epoch")
+    assert set(names) - {""} == {"fast, epochs=3, lr=0.05", "fast, epochs=3, lr=0.1", "fast, epochs=3, lr=0.2",
+                                 "fast, epochs=3, lr=0.4", "fast, epochs=5, lr=0.2", "seed"}  # the length: it varies
+    assert names[:2] == ["fast, epochs=3, lr=0.05", ""]  # each setting named once above its epochs
+    pairs = set(first_cells("Recipe gaps"))
     assert {"lr=0.1 vs lr=0.05 (fast, epochs=3)", "fast, epochs=3, lr=0.05 vs seed"} <= pairs
-    takeaways = " ".join(wide.split("Takeaways")[1].split())
+    takeaways = " ".join(render_table(result, 400, everything=True).split("Takeaways")[1].split())
     assert "Compared only arch by arch" not in takeaways  # one arch: all there is to compare is compared
     assert "tiny_resnet (fast, epochs=5, lr=0.2)" in takeaways  # sentences keep the full names
 

@@ -39,8 +39,8 @@ class View:
     title: str
     headers: list[str]
     rows: list[list[str]]
-    text: tuple[str, ...] = ("Model",)
-    compact: bool = False  # no frame: a rule under the header, columns 3 spaces apart
+    text: tuple[str, ...] = ("Setting",)
+    compact: bool = False  # no frame: a rule under the header, columns 2 spaces apart
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -51,6 +51,12 @@ def _mean_std(row: pd.Series, column: str, digits: int) -> str:
     std = row.get(f"{column}_std", math.nan)
     text = _fmt(row[column], digits)
     return text if math.isnan(std) else f"{text} ± {std:.{digits}f}"
+
+
+def _once(rows: list[list[str]]) -> list[list[str]]:
+    """Rows with a first cell that repeats the row above's left blank: each setting or pair named once above
+    its epochs."""
+    return [[cells[0] if i == 0 or cells[0] != rows[i - 1][0] else "", *cells[1:]] for i, cells in enumerate(rows)]
 
 
 def _seeds(n: int) -> str:
@@ -120,19 +126,20 @@ def final_gap_view(summary: Summary, names: Legend) -> View | None:
                 ("First vs second", "± 95%", "img/s"), compact=True)
 
 
-def footer_lines(summary: Summary, hint: bool = True) -> list[str]:
+def footer_lines(summary: Summary, everything: bool = False) -> list[str]:
+    """The answer's legend; with ``everything``, also that of the per-epoch tables below it."""
     words = []
-    if not summary.final_gaps.empty:
+    per_epoch_gaps = everything and not (summary.gaps.empty and summary.recipe_gaps.empty)
+    if not summary.final_gaps.empty or per_epoch_gaps:
         words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
-        if summary.final_gaps["against_best"].any():
-            words.append(f"{SWEEP_SIZE} or more settings compared with one another: each against the best of "
-                         "them.")
-    elif len(summary.groups) > 1:
-        words.append("No gaps: no two finished settings of equal length differ only in arch, in recipe or in "
-                     "how they ran.")
+    if not summary.final_gaps.empty and summary.final_gaps["against_best"].any():
+        words.append(f"{SWEEP_SIZE} or more settings compared with one another: each against the best of them.")
+    if summary.final_gaps.empty and len(summary.groups) > 1:
+        words.append("No gaps at the end of runs: no two finished settings of equal length differ only in arch, "
+                     "in recipe or in how they ran.")
     star = " (*: warm-up included)" if summary.models["speed_with_warm_up"].any() else ""
     words.append(f"img/s: median of epochs after warm-up{star}, mean over seeds.")
-    if hint:
+    if not everything:
         words.append("--all: every table.")
     return [" ".join(words)]
 
@@ -158,12 +165,12 @@ class ShortNames:
 
 
 def result_view(results: pd.DataFrame, short: ShortNames) -> View:
-    headers = ["Model", "Epoch", "Seeds", "Test acc % (mean ± std)", "± 95% CI", "Train loss", "Train time s (cumul.)"]
+    headers = ["Setting", "Epoch", "Seeds", "Test acc % ± std", "± 95%", "Train loss", "Train s (cumul.)"]
     rows = [[short(r["model"]), str(r["epoch"]), str(r["runs"]), _mean_std(r, "test_acc", 2),
              _fmt(r["test_acc_ci95"], 2), _fmt(r.get("train_loss", math.nan), 4),
              _fmt(r.get(CUMULATIVE_TIME, math.nan), 1)]
             for _, r in results.iterrows()]
-    return View("Results", headers, rows)
+    return View("Results per epoch (mean ± std over seeds)", headers, _once(rows), compact=True)
 
 
 def other_accuracy_view(results: pd.DataFrame, short: ShortNames) -> View | None:
@@ -171,44 +178,45 @@ def other_accuracy_view(results: pd.DataFrame, short: ShortNames) -> View | None
     present = [c for c in OPTIONAL_ACCURACY_TITLES if c in results and results[c].notna().any()]
     if not present:
         return None
-    headers = ["Model", "Epoch", "Seeds"] + [f"{OPTIONAL_ACCURACY_TITLES[c]} (mean ± std)" for c in present]
+    headers = ["Setting", "Epoch", "Seeds"] + [f"{OPTIONAL_ACCURACY_TITLES[c]} ± std" for c in present]
     rows = [[short(r["model"]), str(r["epoch"]), str(r["runs"])] + [_mean_std(r, c, 2) for c in present]
             for _, r in results.iterrows()]
-    return View("Other accuracies", headers, rows)
+    return View("Other accuracies per epoch (mean ± std over seeds)", headers, _once(rows), compact=True)
 
 
 def model_view(models: pd.DataFrame, short: ShortNames) -> View:
-    headers = ["Model", "Params (M)", "GFLOPs / image", "Best test acc % (epoch)", "Epochs", "Seeds"]
+    headers = ["Setting", "Params (M)", "GFLOPs / image", "Best test acc % (epoch)", "Epochs", "Seeds"]
     rows = [[short(m["model"]), _fmt(m["params"] / 1e6, 2), gflops_text(m["gflops"]),
              f"{m['best_test_acc']:.2f} ({m['best_epoch']})", str(m["epochs"]), str(m["runs"])]
             for _, m in models.iterrows()]
-    return View("Models", headers, rows)
+    return View("Models", headers, rows, compact=True)
 
 
 def speed_view(models: pd.DataFrame, short: ShortNames) -> View:
-    headers = ["Model", f"{SPEED_NAME.capitalize()} (mean ± std)", "± 95% CI", "Median it/s", "TFLOP/s achieved",
-               "Seeds"]
+    headers = ["Setting", "img/s ± std", "± 95%", "it/s", "TFLOP/s achieved", "Seeds"]
     rows = [[short(m["model"]), _mean_std(m, "median_img_per_s", 1) + ("*" if m["speed_with_warm_up"] else ""),
              _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
              _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
             for _, m in models.iterrows()]
-    return View("Speed", headers, rows)
+    return View(f"Speed ({SPEED_NAME}, mean ± std over seeds; *: warm-up included)", headers, rows,
+                compact=True)
 
 
 def _gap_cells(gap: pd.Series) -> list[str]:
     seeds = seeds_text(gap["method"], gap["n_model"], gap["n_baseline"])
     if gap["too_wide"]:
-        return ["too wide", seeds, stats.NOT_DISTINGUISHABLE]
-    return [interval_text(gap["low"], gap["high"]), seeds, gap["verdict"]]
+        return ["too wide", seeds, SHORT_VERDICTS[stats.NOT_DISTINGUISHABLE]]
+    return [interval_text(gap["low"], gap["high"]), seeds, SHORT_VERDICTS[gap["verdict"]]]
 
 
 def gap_view(gaps: pd.DataFrame, title: str, short: ShortNames) -> View | None:
     if gaps.empty:
         return None
-    headers = ["First vs second", "Epoch", "First - second (points)", "95% interval", "Seeds", "Verdict"]
+    headers = ["First vs second", "Epoch", "Gap", "95% interval", "Seeds", "Verdict"]
     rows = [[short.pair(g["model"], g["baseline"]), str(g["epoch"]), signed(g["gap"]), *_gap_cells(g)]
             for _, g in gaps.iterrows()]
-    return View(title, headers, rows, ("First vs second", "Seeds", "Verdict"))
+    return View(f"{title} (first - second, points)", headers, _once(rows), ("First vs second", "Seeds"),
+                compact=True)
 
 
 def answer_views(summary: Summary, names: Legend) -> list[View]:
@@ -220,8 +228,8 @@ def detail_views(summary: Summary) -> list[View]:
     short = ShortNames.of(summary.groups)
     shown = [result_view(summary.results, short), other_accuracy_view(summary.results, short),
              model_view(summary.models, short), speed_view(summary.models, short),
-             gap_view(summary.gaps, "Test accuracy gaps (like with like)", short),
-             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy (same arch, setup and length)", short)]
+             gap_view(summary.gaps, "Test accuracy gaps, like with like", short),
+             gap_view(summary.recipe_gaps, "Recipe gaps in test accuracy, same arch, setup and length", short)]
     return [view for view in shown if view is not None]
 
 
@@ -300,7 +308,7 @@ def render_rich(summary: Summary, console: Console, everything: bool = False) ->
     _print_lines(console, header_lines(names))
     for view in answer_views(summary, names):
         _print_table(console, view)
-    _print_lines(console, footer_lines(summary, hint=not everything))
+    _print_lines(console, footer_lines(summary, everything))
     if not everything:
         return
     for view in detail_views(summary):
@@ -328,7 +336,7 @@ def render_markdown(summary: Summary) -> str:
     parts = header_lines(names) + [""]
     for view in answer_views(summary, names):
         parts += [f"## {view.title}", "", _markdown_table(view), ""]
-    parts += footer_lines(summary, hint=False) + [""]
+    parts += footer_lines(summary, everything=True) + [""]
     for view in detail_views(summary):
         parts += [f"## {view.title}", "", _markdown_table(view), ""]
     for title, lines in (("Takeaways", summary.takeaways), ("Notes", summary.notes)):
