@@ -234,3 +234,18 @@ def test_a_sweep_of_archs_under_the_reference_recipe_is_answered_against_its_bes
     gaps = summary.summarize([tmp_path]).final_gaps
     assert len(gaps) == 2 and gaps["against_best"].all() and set(gaps["kind"]) == {"arch"}
     assert set(gaps["model"]) == {"tiny_resnext (seed)"} and gaps["gap"].tolist() == pytest.approx([2.0, 3.0])
+
+
+def test_one_recipe_at_several_lengths_is_said_apart_once_not_pair_by_pair(tmp_path):
+    for epochs, lr in ((1, 0.1), (3, 0.2), (5, 0.4)):
+        for arch in ("tiny_resnet", "tiny_resnext"):
+            write_run(tmp_path / f"{arch}-{epochs}", arch, 0, _curve(60.0, epochs), recipe="fast",
+                      overrides={"lr": lr})
+    write_run(tmp_path / "other-data", "tiny_resnet", 0, _curve(60.0, 3), recipe="fast", dataset="cifar10",
+              overrides={"lr": 0.2})
+    lines = [line for line in summary.summarize([tmp_path]).takeaways if line.startswith("Not compared")]
+    by_length = [line for line in lines if "different lengths" in line]
+    assert len(by_length) == 1 and "1 epoch: " in by_length[0] and "; 5 epochs: " in by_length[0]
+    assert "tiny_resnext (fast, synthetic, epochs=3, lr=0.2)" in by_length[0] and "cifar10" not in by_length[0]
+    assert all("dataset " in line for line in lines if line not in by_length)  # said pair by pair, as before
+    assert len(lines) == 1 + 3  # the other data set against each length

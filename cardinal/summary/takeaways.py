@@ -73,10 +73,33 @@ def gap_line(r: Any) -> str:
             f"({seeds_text(r.method, r.n_model, r.n_baseline)}): {r.verdict}.")
 
 
+def _sized_by_length(name: str) -> bool:
+    """Conditions a recipe may size by the run's length (its knobs, the batch), not how or on what it ran."""
+    return name == "global_batch" or name.startswith(KNOB)
+
+
+def _lengths_apart(first: list[Group], second: list[Group]) -> bool:
+    """Two sets of one recipe, run alike on the same data, kept apart by their lengths (and what those sized)."""
+    a, b = dict(first[0].conditions), dict(second[0].conditions)
+    same_run = all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if not _sized_by_length(k))
+    return (same_run and first[0].length != second[0].length
+            and not (first[0].epochs_are_runs and second[0].epochs_are_runs))
+
+
+def _by_length_line(sets: list[list[Group]]) -> str:
+    lengths: dict[int, list[str]] = {}
+    for members in sets:
+        lengths.setdefault(members[0].length, []).extend(g.label for g in members)
+    parts = [f"{n} epoch{'s' if n > 1 else ''}: {', '.join(labels)}" for n, labels in sorted(lengths.items())]
+    return (f"Not compared, runs of one recipe at different lengths (a gap is read at the end of runs of equal "
+            f"length): {'; '.join(parts)}.")
+
+
 def not_compared_lines(groups: list[Group]) -> list[str]:
     """One line per pair of condition sets: who is not compared with whom, and what differs; nothing where
-    two sets of one arch between them are compared as recipes or setups (all there is to compare)."""
-    lines = []
+    two sets of one arch between them are compared as recipes or setups (all there is to compare). Sets of
+    one recipe kept apart by their lengths share one line, however many lengths a sweep has."""
+    lines, apart = [], []
     paired = {"recipe": recipe_pairs(groups), "setup": setup_pairs(groups)}
     for first, second in itertools.combinations(comparable_sets(groups), 2):
         what = "; ".join(differences(second[0], first[0]))
@@ -85,10 +108,13 @@ def not_compared_lines(groups: list[Group]) -> list[str]:
                      if any({id(model), id(baseline)} <= members for model, baseline in pairs)), None)
         if kind and len({g.arch for g in first + second}) == 1:
             continue
+        if not kind and _lengths_apart(first, second):
+            apart += [s for s in (first, second) if not any(s is seen for seen in apart)]
+            continue
         lead = f"Compared only arch by arch, as {kind} gaps" if kind else "Not compared"
         lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
                      f"({what}).")
-    return lines
+    return ([_by_length_line(apart)] if apart else []) + lines
 
 
 def best_epoch_lines(models: pd.DataFrame) -> list[str]:
