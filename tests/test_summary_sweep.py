@@ -249,3 +249,24 @@ def test_one_recipe_at_several_lengths_is_said_apart_once_not_pair_by_pair(tmp_p
     assert "tiny_resnext (fast, synthetic, epochs=3, lr=0.2)" in by_length[0] and "cifar10" not in by_length[0]
     assert all("dataset " in line for line in lines if line not in by_length)  # said pair by pair, as before
     assert len(lines) == 1 + 3  # the other data set against each length
+
+
+def test_a_plot_of_many_settings_names_them_as_the_tables_do_and_draws_no_two_alike(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from cardinal.summary import plot as plot_module
+
+    lrs = [0.01 * 2 ** k for k in range(12)]  # more settings than colours
+    for lr in lrs:
+        write_run(tmp_path / f"lr{lr}", "tiny_resnet", 0, _curve(60.0, 2), recipe="fast", overrides={"lr": lr})
+    drawn = {}
+    monkeypatch.setattr(plot_module, "save_figure", lambda figure, path: drawn.update(figure=figure))
+    plot_module.plot(summary.summarize([tmp_path]), tmp_path / "sweep.png")
+    figure = drawn["figure"]
+    entries = figure.legends[0]
+    assert [t.get_text() for t in entries.get_texts()][:2] == ["lr=0.01 (n=1)", "lr=0.02 (n=1)"]
+    assert "Shared: tiny_resnet, recipe fast" in figure._suptitle.get_text()
+    looks = {(line.get_color(), line.get_marker(), line.get_linestyle()) for line in entries.get_lines()}
+    assert len(looks) == len(lrs)
+    speed = figure.axes[2]
+    assert [t.get_text() for t in speed.get_yticklabels()][0] == "lr=0.01"  # bars named as the legend
+    assert len({(bar.get_facecolor(), bar.get_hatch()) for bar in speed.patches}) == len(lrs)

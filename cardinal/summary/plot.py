@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 from cardinal.plotting import pyplot, save_figure
-from cardinal.summary.group import Group
+from cardinal.summary.group import Group, legend
 from cardinal.summary.load import CUMULATIVE_TIME
+from cardinal.summary.render import header_lines
 from cardinal.summary.takeaways import SPEED_NAME
 
 if TYPE_CHECKING:
@@ -40,6 +42,42 @@ def accuracy_curve(group: Group) -> pd.DataFrame:
     return curve
 
 
+@dataclass
+class Style:
+    """How a setting is drawn: ten colours, then the next ten with another marker and line, and so on, so
+    a sweep of many settings never draws two alike."""
+
+    index: int
+
+    def color(self, colors):
+        return colors(self.index % 10)
+
+    @property
+    def marker(self) -> str:
+        return MARKERS[self.index // 10 % len(MARKERS)]
+
+    @property
+    def line(self) -> str | tuple:
+        return LINES[self.index // 10 % len(LINES)]
+
+    @property
+    def hatch(self) -> str:
+        return HATCHES[self.index // 10 % len(HATCHES)]
+
+
+MARKERS = ("o", "s", "^", "D", "v")
+LINES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
+HATCHES = ("", "//", "..", "xx", "\\\\")
+FIGURE_WIDTH_IN = 17.0
+LEGEND_CHAR_IN = 0.075  # the legend's width per character at matplotlib's default font size
+
+
+def _legend_columns(labels: list[str]) -> int:
+    """As many columns as the longest entry lets fit across the figure, at most 3."""
+    widest = max(len(label) for label in labels) + 6  # the marker and the gap to the next column
+    return max(1, min(3, len(labels), int(FIGURE_WIDTH_IN / (widest * LEGEND_CHAR_IN))))
+
+
 def _time_unit(seconds: float) -> tuple[float, str]:
     if seconds >= 3 * 3600:
         return 3600.0, "h"
@@ -48,45 +86,55 @@ def _time_unit(seconds: float) -> tuple[float, str]:
     return 1.0, "s"
 
 
-def _draw_accuracy(axis, x: np.ndarray, curve: pd.DataFrame, color, label: str | None) -> None:
+def _draw_accuracy(axis, x: np.ndarray, curve: pd.DataFrame, color, style: Style, label: str | None) -> None:
     """Mean over seeds with a ±std band; a single epoch gets an error bar instead (a band needs two)."""
     if len(curve) == 1:
-        axis.errorbar(x, curve["mean"], yerr=curve["std"].fillna(0), marker="o", markersize=7, capsize=5,
+        axis.errorbar(x, curve["mean"], yerr=curve["std"].fillna(0), marker=style.marker, markersize=7, capsize=5,
                       color=color, label=label)
         return
-    axis.plot(x, curve["mean"], marker="o", color=color, label=label)
+    axis.plot(x, curve["mean"], marker=style.marker, linestyle=style.line, color=color, label=label)
     if (curve["n"] >= 2).any():
         axis.fill_between(x, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=color, alpha=0.2,
                           linewidth=0)
 
 
-def _draw_speed(axis, models: pd.DataFrame, colors) -> None:
+def _draw_speed(axis, models: pd.DataFrame, names: list[str], colors) -> None:
     """Horizontal bars (long labels stay readable), each labelled with its value ± std."""
     positions = np.arange(len(models))[::-1]
     means, stds = models["median_img_per_s"], models["median_img_per_s_std"].fillna(0)
-    bars = axis.barh(positions, means, xerr=stds, color=[colors(i % 10) for i in range(len(models))], capsize=4)
+    styles = [Style(i) for i in range(len(models))]
+    bars = axis.barh(positions, means, xerr=stds, color=[s.color(colors) for s in styles], capsize=4)
+    for bar, style in zip(bars, styles):
+        bar.set_hatch(style.hatch)
     labels = [f"{m:,.1f}" + (f" ± {s:,.1f}" if s else "") + (" (epoch 1)" if one else "")
               for m, s, one in zip(means, stds, models["speed_with_warm_up"])]
     axis.bar_label(bars, labels=labels, padding=6)
-    axis.set_yticks(positions, [literal(textwrap.fill(m, 28)) for m in models["model"]])
+    axis.set_yticks(positions, [literal(textwrap.fill(name, 32)) for name in names])
     axis.set_xlim(0, float((means + stds).max()) * 1.45)
     axis.set(title=f"Training speed ({SPEED_NAME})", xlabel="img/s (mean ± std over seeds)")
 
 
 def plot(summary: Summary, path: Path) -> None:
-    """Test accuracy by epoch and by cumulative training time (mean, ±std over seeds), and speed bars."""
+    """Test accuracy by epoch and by cumulative training time (mean, ±std over seeds), and speed bars; each
+    setting named as the tables name it (what tells it apart, its length where that varies), what all share
+    in the figure's title."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    curves = [accuracy_curve(g) for g in summary.groups]
+    groups = summary.groups
+    names = legend(groups, with_length=True)
+    short = [names.label(i) for i in range(len(groups))]
+    curves = [accuracy_curve(g) for g in groups]
     scale, unit = _time_unit(max(float(c["time"].max()) for c in curves))
-    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(17, 5.2),
+    height = max(5.2, 0.45 * len(groups) + 1.5)  # the speed bars keep room for two-line names
+    figure, (by_epoch, by_time, speed) = plt.subplots(1, 3, figsize=(FIGURE_WIDTH_IN, height),
                                                       gridspec_kw={"width_ratios": [1, 1, 1.2]})
     colors = plt.get_cmap("tab10")
-    for index, (group, curve) in enumerate(zip(summary.groups, curves)):
-        label = literal(f"{group.label} (n={len(group.runs)})")
-        _draw_accuracy(by_epoch, curve.index.to_numpy(), curve, colors(index % 10), label)
-        _draw_accuracy(by_time, curve["time"].to_numpy() / scale, curve, colors(index % 10), None)
+    for index, (group, curve) in enumerate(zip(groups, curves)):
+        style = Style(index)
+        label = literal(f"{short[index]} (n={len(group.runs)})")
+        _draw_accuracy(by_epoch, curve.index.to_numpy(), curve, style.color(colors), style, label)
+        _draw_accuracy(by_time, curve["time"].to_numpy() / scale, curve, style.color(colors), style, None)
     last = max(int(c.index.max()) for c in curves)
     by_epoch.set_xlim(0.5, last + 0.5)
     if last <= 20:
@@ -100,10 +148,16 @@ def plot(summary: Summary, path: Path) -> None:
     for axis in (by_epoch, by_time):
         axis.grid(alpha=0.3)
         axis.margins(y=0.15)
-    _draw_speed(speed, summary.models, colors)
+    position = {g.label: i for i, g in enumerate(groups)}
+    _draw_speed(speed, summary.models, [short[position[m]] for m in summary.models["model"]], colors)
     handles, labels = by_epoch.get_legend_handles_labels()
-    figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), frameon=False)
-    figure.tight_layout(rect=(0, 0.05 + 0.05 * math.ceil(len(labels) / 3), 1, 1))
+    columns = _legend_columns(labels)
+    figure.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
+    title = " ".join(header_lines(names))
+    if title:
+        figure.suptitle(literal(textwrap.fill(title, 200)), fontsize="medium")
+    legend_in = (0.3 + 0.25 * math.ceil(len(labels) / columns)) / height
+    figure.tight_layout(rect=(0, legend_in, 1, 1))
     save_figure(figure, path)
 
 
