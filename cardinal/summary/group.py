@@ -51,8 +51,7 @@ class Group:
 
     def at_epoch(self, epoch: int) -> list[tuple[Any, pd.Series]]:
         """(seed, row) of every run that reached ``epoch``."""
-        return [(r.seed, r.frame[r.frame["epoch"] == epoch].iloc[0]) for r in self.runs
-                if (r.frame["epoch"] == epoch).any()]
+        return [(r.seed, r.rows_by_epoch[epoch]) for r in self.runs if epoch in r.rows_by_epoch]
 
     def last_epoch(self) -> int:
         return max(r.last_epoch for r in self.runs)

@@ -15,6 +15,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,12 @@ class Run:
     def last_epoch(self) -> int:
         return int(self.frame["epoch"].max())
 
+    @cached_property
+    def rows_by_epoch(self) -> dict[int, pd.Series]:
+        """Each epoch's row (the first, should one repeat), looked up once: a sweep's gaps read thousands."""
+        first = self.frame.drop_duplicates("epoch")
+        return {int(epoch): row for epoch, (_, row) in zip(first["epoch"], first.iterrows())}
+
     @property
     def complete(self) -> bool:
         """Reached its planned epochs (a run without config.json cannot tell, and counts as complete)."""
@@ -94,7 +101,13 @@ class Run:
 
     def median_speed(self, column: str) -> float:
         """Steady-state speed: the median over the epochs after warm-up (records.steady_state decides the rule)."""
-        return steady_state(self.frame, column) if column in self.frame else math.nan
+        if column not in self._median_speeds:
+            self._median_speeds[column] = steady_state(self.frame, column) if column in self.frame else math.nan
+        return self._median_speeds[column]
+
+    @cached_property
+    def _median_speeds(self) -> dict[str, float]:
+        return {}  # every pair a setting is part of asks again
 
     @property
     def speed_includes_warm_up(self) -> bool:
