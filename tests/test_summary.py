@@ -264,13 +264,13 @@ def test_every_gap_in_the_output_carries_a_verdict(tmp_path, capsys):
         write_run(tmp_path / f"a{seed}", "tiny_resnet", seed, [40.0 + seed, 50.0 + seed])
         write_run(tmp_path / f"b{seed}", "tiny_resnext", seed, [40.5 + seed * 0.8, 58.0 + seed * 0.1])
     write_run(tmp_path / "c0", "tiny_resnet_wide", 0, [45.0, 55.0])
-    result = summary.summarize([tmp_path])
+    result = summary.summarize([tmp_path], every_pair=True)
     assert list(result.gaps["verdict"]) == ["not distinguishable at 95%", "significant at 95%",
                                             "one seed: no verdict", "one seed: no verdict",
                                             "one seed: no verdict", "one seed: no verdict"]
     words = (stats.SIGNIFICANT, stats.NOT_DISTINGUISHABLE, stats.ONE_SEED)
     for form in ("markdown", "table"):
-        code, out, _ = _summary([tmp_path, "--format", form, "--all"], capsys)
+        code, out, _ = _summary([tmp_path, "--format", form, "--all", "--every-pair"], capsys)
         takeaways = " ".join(out.split("Takeaways", 1)[1].split())  # undo the terminal's line wrapping
         gap_sentences = takeaways.split("At epoch ")[1:]
         assert code == 0 and len(gap_sentences) == 3 and "95%" in out

@@ -190,10 +190,18 @@ def test_a_sweep_is_answered_each_setting_against_its_best(lr_sweep, capsys, mon
     assert set(sweep["model"]) == {"tiny_resnet (fast, lr=0.2)"}
     assert sweep["gap"].tolist() == pytest.approx([2.0, 5.0, 8.0])  # next best first, as the final table
     fast_pairs = result.recipe_gaps[~result.recipe_gaps["baseline"].str.contains("seed")]
-    assert len(fast_pairs[fast_pairs["epoch"] == 3]) == 6  # --all keeps every pair
+    assert len(fast_pairs) == 2 * 3 and set(fast_pairs["model"]) == {"tiny_resnet (fast, lr=0.2)"}  # epochs 1 and 3
+    assert sum("(--every-pair shows them)" in line and "the 3 pairs among" in line for line in result.notes) == 1
+    every = summary.summarize([lr_sweep], every_pair=True)
+    every_fast = every.recipe_gaps[~every.recipe_gaps["baseline"].str.contains("seed")]
+    assert len(every_fast[every_fast["epoch"] == 3]) == 6 and not any("--every-pair" in n for n in every.notes)
+    assert every.final_gaps.equals(gaps)  # the answer is the same either way
     monkeypatch.setenv("COLUMNS", "80")
     code, out, _ = _summary([lr_sweep], capsys)
     assert code == 0 and "each against the best of them" in " ".join(out.split())
+    for flags, shown in (([], "the 3 pairs among the others (--every-pair shows them)"), (["--every-pair"], "")):
+        code, out, _ = _summary([lr_sweep, "--all", *flags], capsys)
+        assert code == 0 and shown in " ".join(out.split()) and ("lr=0.1 vs lr=0.05" in out) == bool(flags)
 
 
 def test_two_or_three_settings_keep_every_pair(tmp_path):
@@ -220,7 +228,7 @@ def test_the_per_epoch_tables_name_settings_by_what_tells_them_apart(lr_sweep):
                                  "fast, epochs=3, lr=0.4", "fast, epochs=5, lr=0.2", "seed"}  # the length: it varies
     assert names[:2] == ["fast, epochs=3, lr=0.05", ""]  # each setting named once above its epochs
     pairs = set(first_cells("Recipe gaps"))
-    assert {"lr=0.1 vs lr=0.05 (fast, epochs=3)", "fast, epochs=3, lr=0.05 vs seed"} <= pairs
+    assert {"lr=0.2 vs lr=0.05 (fast, epochs=3)", "fast, epochs=3, lr=0.05 vs seed"} <= pairs
     takeaways = " ".join(render_table(result, 400, everything=True).split("Takeaways")[1].split())
     assert "Compared only arch by arch" not in takeaways  # one arch: all there is to compare is compared
     assert "tiny_resnet (fast, epochs=5, lr=0.2)" in takeaways  # sentences keep the full names

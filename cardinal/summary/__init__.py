@@ -27,6 +27,7 @@ from cardinal.summary.compare import (
     models_table,
     recipe_pairs,
     results_table,
+    shown_pairs,
     speed_ratios,
 )
 from cardinal.summary.group import Group, group_runs
@@ -59,17 +60,22 @@ class Summary:
         return [r for g in self.groups for r in g.runs]
 
 
-def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None) -> Summary:
-    """Load, group and compare the runs under ``paths``; ``epochs``: the per-epoch rows to report."""
+def summarize(paths: Sequence[Path], epochs: Sequence[int] | None = None, every_pair: bool = False) -> Summary:
+    """Load, group and compare the runs under ``paths``; ``epochs``: the per-epoch rows to report;
+    ``every_pair``: per-epoch gaps and takeaways for every pair of a sweep's settings, not only as the answer
+    sets them (each against the best)."""
     loaded = load_runs(paths)
     groups = group_runs(loaded.runs)
     results = results_table(groups, epochs)
     models = models_table(groups)
-    gaps = gap_table(arch_pairs(groups), results)
-    speeds = speed_ratios(groups)
-    recipes = gap_table(recipe_pairs(groups), results)
+    pairs = {"arch": arch_pairs(groups), "recipe": recipe_pairs(groups)}
+    shown = pairs if every_pair else {kind: shown_pairs(found, kind) for kind, found in pairs.items()}
+    gaps, recipes = gap_table(shown["arch"], results), gap_table(shown["recipe"], results)
+    speeds = speed_ratios(shown["arch"])
+    left_out = sum(len(pairs[kind]) - len(shown[kind]) for kind in pairs)
     return Summary(groups, loaded.skipped, results, models, final_table(groups), final_gaps(groups), gaps,
-                   speeds, recipes, takeaways(groups, models, gaps, speeds, recipes), notes(groups, models))
+                   speeds, recipes, takeaways(groups, models, gaps, speeds, recipes),
+                   notes(groups, models, left_out))
 
 
 def build_parser():

@@ -25,7 +25,10 @@ def build_parser() -> ArgumentParser:
                         help="run folders, folders holding runs, or epochs.csv files")
     parser.add_argument("--all", dest="everything", action="store_true",
                         help="table format: after the answer, also the per-epoch results, other accuracies, "
-                             "models, speed, every gap, takeaways and notes (markdown always holds them)")
+                             "models, speed, the gaps, takeaways and notes (markdown always holds them)")
+    parser.add_argument("--every-pair", action="store_true",
+                        help="per-epoch gaps and takeaways: every pair of a sweep's settings (by default each "
+                             "is set against the best of them, as in the answer)")
     parser.add_argument("--epochs", nargs="+", type=positive_int, default=None,
                         help="epochs of the per-epoch tables (default: 1, 5 and the last of each model)")
     parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table",
@@ -48,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot is not None:
         require_matplotlib()
-    summary = summarize(args.runs, args.epochs)
+    summary = summarize(args.runs, args.epochs, args.every_pair)
     if summary.results.empty:
         raise CardinalError(f"none of the runs reached the epochs asked for ({' '.join(map(str, args.epochs))})")
     for skipped in summary.skipped:

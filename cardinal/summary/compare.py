@@ -255,9 +255,9 @@ def speed_row(model: Group, baseline: Group) -> dict[str, Any]:
             "model_tflop_per_s": float(np.mean(tflops[0])), "baseline_tflop_per_s": float(np.mean(tflops[1]))}
 
 
-def speed_ratios(groups: list[Group]) -> pd.DataFrame:
-    """Per pair of models under identical conditions: see ``speed_row``."""
-    return pd.DataFrame([speed_row(model, baseline) for model, baseline in arch_pairs(groups)])
+def speed_ratios(pairs: list[Pair]) -> pd.DataFrame:
+    """Per pair of models under identical conditions (``arch_pairs``): see ``speed_row``."""
+    return pd.DataFrame([speed_row(model, baseline) for model, baseline in pairs])
 
 
 def _mean_at(group: Group, epoch: int, metric: str = "test_acc") -> float:
@@ -298,17 +298,38 @@ def _against_the_best(pairs: list[Ended], kind: str) -> tuple[list[Ended], set[t
     return kept, against_best
 
 
+def _ended(pairs: list[Pair]) -> list[Ended]:
+    """The pairs that can be set side by side at the end of both runs, with that epoch."""
+    return [Ended(m, b, epoch) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
+            and all(g.finished() or g.length > epoch for g in (m, b))]
+
+
+def _kinds(groups: list[Group]) -> list[tuple[str, list[Pair]]]:
+    return [("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)), ("setup", setup_pairs(groups))]
+
+
+def _key(model: Group, baseline: Group) -> frozenset[int]:
+    return frozenset((id(model), id(baseline)))
+
+
+def shown_pairs(pairs: list[Pair], kind: str) -> list[Pair]:
+    """The pairs of the per-epoch tables and takeaways: as the answer sets them (a sweep's settings each
+    against its best, best first), and every pair the answer cannot set at an end (unfinished, or of other
+    lengths); a sweep's pairs among its other settings are left out."""
+    kept, _ = _against_the_best(_ended(pairs), kind)
+    answered = {_key(p.model, p.baseline): (p.model, p.baseline) for p in kept}
+    left_out = {_key(p.model, p.baseline) for p in _ended(pairs)} - answered.keys()
+    return [answered.get(_key(*pair), pair) for pair in pairs if _key(*pair) not in left_out]
+
+
 def final_gaps(groups: list[Group]) -> pd.DataFrame:
     """Arch against arch within one recipe, recipe against recipe within one arch, then one recipe run two
     ways, each at the end of two finished groups of the same length, with the speed ratio beside the gap; a
     sweep's settings against its best (``_against_the_best``, the ``against_best`` column)."""
     index = {id(g): i for i, g in enumerate(groups)}
     rows = []
-    for kind, pairs in (("arch", arch_pairs(groups)), ("recipe", recipe_pairs(groups)),
-                        ("setup", setup_pairs(groups))):
-        ended = [Ended(m, b, epoch) for m, b in pairs if (epoch := end_epoch(m, b)) is not None
-                 and all(g.finished() or g.length > epoch for g in (m, b))]
-        kept, against_best = _against_the_best(ended, kind)
+    for kind, pairs in _kinds(groups):
+        kept, against_best = _against_the_best(_ended(pairs), kind)
         for model, baseline, epoch in kept:
             speed = speed_row(model, baseline)
             rows.append({**gap_row(model, baseline, epoch), "kind": kind,

@@ -143,9 +143,14 @@ def takeaways(groups: list[Group], models: pd.DataFrame, gaps: pd.DataFrame, rat
     return lines + best_epoch_lines(models)
 
 
-def notes(groups: list[Group], models: pd.DataFrame) -> list[str]:
-    """How the numbers were made: re-runs set aside, unresolved recipes, the speed definition."""
+def notes(groups: list[Group], models: pd.DataFrame, left_out: int = 0) -> list[str]:
+    """How the numbers were made: re-runs set aside, unresolved recipes, the speed definition, and the
+    ``left_out`` pairs of a sweep's settings the per-epoch gaps do not show."""
     lines = []
+    if left_out:
+        lines.append(f"A sweep's settings are compared as the answer compares them, each against the best of them: "
+                     f"the per-epoch gaps and takeaways leave out the {left_out} pair{'s' if left_out > 1 else ''} "
+                     f"among the others (--every-pair shows them).")
     for group in groups:
         for seed in dict.fromkeys(r.seed for r in group.dropped):
             kept = next(r for r in group.runs if r.seed == seed)
