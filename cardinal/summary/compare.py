@@ -316,9 +316,10 @@ def shown_pairs(pairs: list[Pair], kind: str) -> list[Pair]:
     """The pairs of the per-epoch tables and takeaways: as the answer sets them (a sweep's settings each
     against its best, best first), and every pair the answer cannot set at an end (unfinished, or of other
     lengths); a sweep's pairs among its other settings are left out."""
-    kept, _ = _against_the_best(_ended(pairs), kind)
+    ended = _ended(pairs)
+    kept, _ = _against_the_best(ended, kind)
     answered = {_key(p.model, p.baseline): (p.model, p.baseline) for p in kept}
-    left_out = {_key(p.model, p.baseline) for p in _ended(pairs)} - answered.keys()
+    left_out = {_key(p.model, p.baseline) for p in ended} - answered.keys()
     return [answered.get(_key(*pair), pair) for pair in pairs if _key(*pair) not in left_out]
 
 
