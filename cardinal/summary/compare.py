@@ -279,7 +279,7 @@ def _against_the_best(pairs: list[Ended], kind: str) -> tuple[list[Ended], set[t
     """A sweep's answer: where SWEEP_SIZE or more settings were each compared with every other at one epoch,
     each against the best of them (n - 1 gaps that say which settings the best is surely ahead of, where all
     pairs would be n (n - 1) / 2). Recipe pairs with the reference recipe stay as they are. Returns the pairs
-    and the ids of those set against a best; every pair stays in the per-epoch tables (--all)."""
+    and the ids of those set against a best (``shown_pairs`` sets the per-epoch tables the same way)."""
     kept: list[Ended] = []
     against_best: set[tuple[int, int]] = set()
     for family in _families(pairs):
@@ -291,7 +291,8 @@ def _against_the_best(pairs: list[Ended], kind: str) -> tuple[list[Ended], set[t
             continue
         epoch = family[0].epoch
         best = max(others, key=lambda g: _mean_at(g, epoch))  # the first of equals
-        kept += [p for p in family if p.model not in others or p.baseline not in others]
+        swept_ids = {id(g) for g in others}
+        kept += [p for p in family if not {id(p.model), id(p.baseline)} <= swept_ids]
         swept = [Ended(best, g, epoch) for g in sorted(others, key=lambda g: -_mean_at(g, epoch)) if g is not best]
         kept += swept
         against_best |= {(id(p.model), id(p.baseline)) for p in swept}
