@@ -278,3 +278,14 @@ def test_a_plot_of_many_settings_names_them_as_the_tables_do_and_draws_no_two_al
     speed = figure.axes[2]
     assert [t.get_text() for t in speed.get_yticklabels()][0] == "lr=0.01"  # bars named as the legend
     assert len({(bar.get_facecolor(), bar.get_hatch()) for bar in speed.patches}) == len(lrs)
+
+
+def test_the_csv_carries_every_knob_so_a_sweep_pivots_on_them(lr_sweep, capsys):
+    from test_summary import _csv
+
+    table = _csv([lr_sweep], capsys)
+    fast = table[(table["recipe"] == "fast") & (table["epoch"] == 3)]
+    assert sorted(fast["recipe.lr"]) == [0.05, 0.1, 0.2, 0.4] and set(fast["recipe.epochs"]) == {3}
+    by_lr = fast.set_index("recipe.lr")["test_acc"]
+    assert by_lr.idxmax() == 0.2 and by_lr[0.2] == pytest.approx(66.5)  # seeds 0 and 1: 66 and 67
+    assert {"recipe.weight_decay", "recipe.optimizer", "grad_accum"} <= set(table.columns)

@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
                         help="epochs of the per-epoch tables (default: 1, 5 and the last of each model)")
     parser.add_argument("--format", choices=("table", "markdown", "csv"), default="table",
                         help="output format: table (fits the terminal, 80 columns included), markdown, or csv "
-                             "(one row per model and epoch)")
+                             "(one row per model and epoch, every recipe knob a column: recipe.lr, ...)")
     parser.add_argument("--output", type=Path, default=None, help="write the output to this file too")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG: test accuracy by epoch and by training time, and img/s bars, per model "

@@ -25,6 +25,7 @@ from cardinal.summary.load import (
     CUMULATIVE_TIME,
     KNOB,
     LOSSES,
+    SETUP_KNOBS,
     SPEEDS,
     TIMES,
     Conditions,
@@ -57,10 +58,13 @@ def _reported_epochs(group: Group, epochs: Sequence[int] | None) -> list[int]:
 
 
 def _condition_columns(group: Group) -> dict[str, Any]:
+    """What the group ran under, the recipe's every knob included (``recipe.lr``, ...): a sweep read as a
+    frame pivots on them."""
     conditions = dict(group.conditions)
     return {"model": group.label, "arch": group.arch, "dataset": conditions["dataset"],
             "recipe": group.recipe_name, "recipe_resolved": conditions["recipe_resolved"],
-            **{c: conditions[c] for c in CSV_CONDITIONS}}
+            **{c: conditions[c] for c in CSV_CONDITIONS},
+            **{c: v for c, v in conditions.items() if c.startswith(KNOB) or c in SETUP_KNOBS}}
 
 
 def _aggregate(row: dict[str, Any], column: str, values: Iterable[float]) -> stats.Estimate:
