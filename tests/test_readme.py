@@ -20,6 +20,29 @@ def test_reuse_example_runs():
     exec(compile(block, str(README), "exec"), {})
 
 
+def test_the_summary_demo_prints_what_the_readme_shows_and_reads_the_same_from_python(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from cardinal import summary
+    from cardinal.cli import run
+
+    demo = next(b for b in _python_blocks() if "write_run" in b)
+    api = next(b for b in _python_blocks() if "summarize(" in b)
+    shown = re.search(r"`COLUMNS=80 python -m cardinal.summary runs/demo` prints:\n\n```text\n(.*?)```",
+                      README.read_text(), flags=re.S).group(1)
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    exec(compile(demo, str(README), "exec"), {})
+    with pytest.raises(SystemExit) as done:
+        run(summary.main, ["runs/demo"])
+    assert done.value.code == 0 and capsys.readouterr().out == shown
+    exec(compile(api, str(README), "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("best: tiny_resnext (seed, fp32), 72.77% ± 2.39 over 3 seeds\n")
+    assert "+0.73 points, not distinguishable at 95%" in printed and "0.01" in printed
+
+
 def test_architecture_table_matches_the_registry():
     from cardinal import build_model, list_archs, model_cost
 
