@@ -1,10 +1,13 @@
-"""The reference comparison in one command: each arch and seed trained under one recipe, then the summary.
+"""The reference comparison in one command: each arch, seed, recipe and length trained, then the summary.
 
     python -m cardinal.study                                   # resnet50, resnext50_32x4d, resnext50_flat128
     python -m cardinal.study --data-dir ../shared/data/cifar10-sample --epochs 3 -- --mixed-precision bf16
+    python -m cardinal.study --recipes seed fast --epochs 1 5 10 --seeds 0 1 2 --archs resnet50
     python -m cardinal.study --launcher "accelerate launch --config_file launch/multi-gpu-bf16.yaml"
 
 Every run is a separate ``accelerate launch -m cardinal.train``, so each starts from the same state.
+A recipe whose epoch k is itself a k-epoch run (a constant LR, nothing sized by the length: ``seed``)
+trains once, for the longest length; the summary reads its epochs as the shorter runs.
 Arguments after ``--`` (and any this runner does not know) go to every training run. A run that already
 finished is skipped and one that was interrupted is resumed, so the study can simply be started again.
 A run that fails ends the study with one line, last, that carries the run's own error; the launcher's
@@ -18,12 +21,13 @@ import os
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
-from cardinal.config import Recipe, TrainConfig
+from cardinal.config import RECIPES, Recipe, TrainConfig
 from cardinal.models import list_archs
 from cardinal.records import CONFIG_NAME
 
@@ -35,8 +39,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--archs", nargs="+", default=list(STUDY_ARCHS), choices=list_archs(), metavar="ARCH",
                         help="architectures to compare")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arch and seed")
-    parser.add_argument("--epochs", type=positive_int, default=10, help="epochs per run")
-    parser.add_argument("--recipe", default="seed", help="training recipe (see cardinal.train --help)")
+    parser.add_argument("--epochs", nargs="+", type=positive_int, default=[10], metavar="N",
+                        help="lengths: one run per length (a recipe whose epoch k is a k-epoch run, as seed's, "
+                             "trains once, for the longest)")
+    parser.add_argument("--recipes", "--recipe", nargs="+", dest="recipes", default=["seed"], metavar="RECIPE",
+                        help=f"training recipes, each arch, seed and length under each (one of: "
+                             f"{', '.join(RECIPES)}; see cardinal.train --help)")
     parser.add_argument("--dataset", default="cifar10", help="data set")
     parser.add_argument("--data-dir", default="data", help="CIFAR folder")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/study"), help="where the runs go")
@@ -54,9 +62,59 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run_name(arch: str, recipe: str, dataset: str, seed: int) -> str:
-    """The same name cardinal.train gives a run by default."""
-    return f"{arch}-{recipe}-{dataset}-seed{seed}"
+def run_name(arch: str, recipe: str, dataset: str, seed: int, epochs: Optional[int] = None) -> str:
+    """The name cardinal.train gives a run by default, with its length where a study has several."""
+    return f"{arch}-{recipe}-{dataset}" + (f"-e{epochs}" if epochs else "") + f"-seed{seed}"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the study."""
+
+    arch: str
+    recipe: str
+    epochs: int
+    seed: int
+    name: str
+    described: str  # as a failure names it
+
+
+def planned_recipe(name: str, extra: Sequence[str]) -> Recipe:
+    """The recipe cardinal.train resolves for ``name`` with the study's pass-through flags."""
+    from cardinal.train import build_parser as train_parser
+    from cardinal.train import config_from_args
+
+    known, _ = train_parser().parse_known_args(["--recipe", name, *extra])
+    return config_from_args(known).recipe
+
+
+def run_lengths(recipe: str, lengths: Sequence[int], extra: Sequence[str]) -> List[int]:
+    """One run per length, or one of the longest where each epoch k of the recipe's runs is a k-epoch run."""
+    lengths = sorted(set(lengths))
+    if len(lengths) > 1 and planned_recipe(recipe, extra).epochs_are_runs:
+        return lengths[-1:]
+    return lengths
+
+
+def plan(args, extra: Sequence[str]) -> List[PlannedRun]:
+    """Every run, one seed at a time (a study cut short still holds whole replicates to compare), then recipe
+    by recipe, length by length, arch by arch; names carry the length only where lengths vary."""
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        raise CardinalError(f"unknown recipe {unknown[0]!r}; choose from: {', '.join(RECIPES)}")
+    several = len(set(args.epochs)) > 1
+    alone = not several and len(set(args.recipes)) == 1
+    lengths = {recipe: run_lengths(recipe, args.epochs, extra) for recipe in dict.fromkeys(args.recipes)}
+    runs = []
+    for seed in dict.fromkeys(args.seeds):
+        for recipe, recipe_lengths in lengths.items():
+            for epochs in recipe_lengths:
+                for arch in dict.fromkeys(args.archs):
+                    described = f"{arch} (seed {seed})" if alone else f"{arch} ({recipe}, {epochs} epochs, seed {seed})"
+                    runs.append(PlannedRun(arch, recipe, epochs, seed,
+                                           run_name(arch, recipe, args.dataset, seed, epochs if several else None),
+                                           described))
+    return runs
 
 
 def default_launcher() -> List[str]:
@@ -112,22 +170,22 @@ def check_length(run_dir: Path, planned: Recipe, epochs: int) -> None:
                         "so use another --output-dir for this study")
 
 
-def train_command(args, arch: str, seed: int, extra: Sequence[str]) -> List[str]:
+def train_command(args, planned: PlannedRun, extra: Sequence[str]) -> List[str]:
     """Start the run, or resume it (a changed --dataset is then refused by train).
 
     On resume --epochs is passed only to lengthen a constant-schedule run; otherwise the run keeps its own.
     """
-    name = run_name(arch, args.recipe, args.dataset, seed)
-    run_dir = args.output_dir / name
+    run_dir = args.output_dir / planned.name
     command = launcher_command(args.launcher) + ["-m", "cardinal.train"]
     data = ["--dataset", args.dataset, "--data-dir", args.data_dir]
-    planned = planned_run(run_dir)
-    if planned is not None:
-        check_length(run_dir, planned, args.epochs)
-        longer = ["--epochs", str(args.epochs)] if planned.epochs != args.epochs else []
+    saved = planned_run(run_dir)
+    if saved is not None:
+        check_length(run_dir, saved, planned.epochs)
+        longer = ["--epochs", str(planned.epochs)] if saved.epochs != planned.epochs else []
         return command + ["--resume", str(run_dir), *longer, *data, *extra]
-    return command + ["--arch", arch, "--recipe", args.recipe, "--seed", str(seed), "--epochs", str(args.epochs),
-                      *data, "--output-dir", str(args.output_dir), "--run-name", name, *extra]
+    return command + ["--arch", planned.arch, "--recipe", planned.recipe, "--seed", str(planned.seed),
+                      "--epochs", str(planned.epochs), *data, "--output-dir", str(args.output_dir),
+                      "--run-name", planned.name, *extra]
 
 
 def _is_launcher_traceback(block: Sequence[str]) -> bool:
@@ -195,39 +253,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     extra = unknown + passthrough
-    for arch in args.archs:
-        for seed in args.seeds:
-            run_dir = args.output_dir / run_name(arch, args.recipe, args.dataset, seed)
-            if finished(run_dir, args.epochs):
-                print(f"{run_dir}: already trained for {args.epochs} epochs, skipped", flush=True)
-                continue
-            command = train_command(args, arch, seed, extra)
-            print("$ " + shlex.join(command), flush=True)
-            if args.dry_run:
-                continue
-            code, errors = run_training(command)
-            if code == 0:
-                sys.stderr.writelines(errors)
-                continue
-            sys.stderr.writelines(errors[:-1])
-            why = errors[-1][len("error: "):].strip() if errors else f"exit code {code}"
-            raise CardinalError(f"training {arch} (seed {seed}) failed: {why}; finished runs are kept in "
-                                f"{args.output_dir}, run the study again to resume")
+    runs = plan(args, extra)
+    for planned in runs:
+        run_dir = args.output_dir / planned.name
+        if finished(run_dir, planned.epochs):
+            print(f"{run_dir}: already trained for {planned.epochs} epochs, skipped", flush=True)
+            continue
+        command = train_command(args, planned, extra)
+        print("$ " + shlex.join(command), flush=True)
+        if args.dry_run:
+            continue
+        code, errors = run_training(command)
+        if code == 0:
+            sys.stderr.writelines(errors)
+            continue
+        sys.stderr.writelines(errors[:-1])
+        why = errors[-1][len("error: "):].strip() if errors else f"exit code {code}"
+        raise CardinalError(f"training {planned.described} failed: {why}; finished runs are kept in "
+                            f"{args.output_dir}, run the study again to resume")
     if not args.summary or args.dry_run:
         return 0
     from cardinal import summary
 
     extension = {"table": "txt", "markdown": "md", "csv": "csv"}[args.summary_format]
-    summary_args = [str(args.output_dir / run_name(a, args.recipe, args.dataset, s))
-                    for a in args.archs for s in args.seeds]
+    summary_args = [str(args.output_dir / planned.name) for planned in runs]
     summary_args += ["--format", args.summary_format, "--output", str(args.output_dir / f"summary.{extension}")]
     if args.report_epochs:
         summary_args += ["--epochs", *map(str, args.report_epochs)]
     if args.plot:
         summary_args += ["--plot", str(args.output_dir / "summary.png")]
     (args.output_dir / "study.json").write_text(json.dumps(
-        {"archs": args.archs, "seeds": args.seeds, "epochs": args.epochs, "recipe": args.recipe,
-         "dataset": args.dataset, "launcher": args.launcher, "train_args": extra}, indent=2))
+        {"archs": args.archs, "seeds": args.seeds, "epochs": args.epochs, "recipes": list(dict.fromkeys(args.recipes)),
+         "dataset": args.dataset, "launcher": args.launcher, "train_args": extra,
+         "runs": [planned.name for planned in runs]}, indent=2))
     return summary.main(summary_args)
 
 

@@ -119,3 +119,59 @@ def test_a_run_without_export_is_done_when_trained(tmp_path, capsys):
     (run_dir / "config.json").write_text(json.dumps({**config, "export": False}))
     code, out, _ = _study(tmp_path, "fast", 3, capsys)
     assert code == 0 and "skipped" in out
+
+
+def _plan(root, capsys, *flags):
+    with pytest.raises(SystemExit) as exit_info:
+        run(study_module.main, ["--archs", "tiny_resnet", "--dataset", "synthetic", "--output-dir", str(root),
+                                "--launcher", "python", "--dry-run", *flags])
+    captured = capsys.readouterr()
+    commands = [line.split() for line in captured.out.splitlines() if line.startswith("$ ")]
+    return exit_info.value.code, [(c[c.index("--recipe") + 1], int(c[c.index("--epochs") + 1]),
+                                   c[c.index("--run-name") + 1]) for c in commands], captured.err
+
+
+def test_a_study_of_recipes_and_lengths_runs_seed_once_for_the_longest(tmp_path, capsys):
+    code, runs, _ = _plan(tmp_path, capsys, "--recipes", "seed", "fast", "--epochs", "5", "1", "--seeds", "0", "1")
+    assert code == 0 and runs == [  # a whole replicate at a time
+        ("seed", 5, "tiny_resnet-seed-synthetic-e5-seed0"), ("fast", 1, "tiny_resnet-fast-synthetic-e1-seed0"),
+        ("fast", 5, "tiny_resnet-fast-synthetic-e5-seed0"), ("seed", 5, "tiny_resnet-seed-synthetic-e5-seed1"),
+        ("fast", 1, "tiny_resnet-fast-synthetic-e1-seed1"), ("fast", 5, "tiny_resnet-fast-synthetic-e5-seed1")]
+
+
+def test_a_length_the_pass_through_flags_make_matter_gives_every_length_its_run(tmp_path, capsys):
+    code, runs, _ = _plan(tmp_path, capsys, "--recipes", "seed", "--epochs", "1", "3", "--", "--schedule", "cosine")
+    assert code == 0 and [epochs for _, epochs, _ in runs] == [1, 3]  # epoch 1 of a cosine run is no 1-epoch run
+
+
+def test_one_recipe_and_one_length_keep_the_names_train_gives(tmp_path, capsys):
+    code, runs, _ = _plan(tmp_path, capsys, "--recipe", "fast", "--epochs", "3")
+    assert code == 0 and runs == [("fast", 3, "tiny_resnet-fast-synthetic-seed0")]
+
+
+def test_an_unknown_recipe_is_one_line_before_any_run(tmp_path, capsys):
+    code, runs, err = _plan(tmp_path, capsys, "--recipes", "seed", "quick")
+    assert code == 2 and runs == [] and err.strip() == "error: unknown recipe 'quick'; choose from: seed, fast"
+
+
+@pytest.mark.slow
+def test_a_real_study_of_two_recipes_at_two_lengths_sets_fast_against_seed_at_each(tmp_path):
+    import sys
+
+    from conftest import cli
+
+    done = cli("cardinal.study", ["--archs", "tiny_resnet", "--recipes", "seed", "fast", "--epochs", "1", "2",
+                                  "--dataset", "synthetic", "--output-dir", str(tmp_path), "--launcher",
+                                  sys.executable, "--summary-format", "markdown", "--",
+                                  "--synthetic-train", "128", "--synthetic-test", "64", "--batch-size", "64",
+                                  "--no-progress", "--no-export"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        "tiny_resnet-fast-synthetic-e1-seed0", "tiny_resnet-fast-synthetic-e2-seed0",
+        "tiny_resnet-seed-synthetic-e2-seed0"]
+    answer = (tmp_path / "summary.md").read_text().split("## Gaps at the end of runs")[1].split("\n## ")[0]
+    gaps = [line for line in answer.splitlines() if line.startswith("| ") and " vs seed" in line]
+    assert sorted(line.split("|")[1].strip() for line in gaps) == ["1", "2"]  # seed's epoch 1 stands for a run
+    assert json.loads((tmp_path / "study.json").read_text())["runs"] == [
+        "tiny_resnet-seed-synthetic-e2-seed0", "tiny_resnet-fast-synthetic-e1-seed0",
+        "tiny_resnet-fast-synthetic-e2-seed0"]
