@@ -79,6 +79,10 @@ class PlannedRun:
     described: str  # as a failure names it
 
 
+def unique(values: Sequence) -> list:
+    return list(dict.fromkeys(values))
+
+
 def planned_recipe(name: str, extra: Sequence[str]) -> Recipe:
     """The recipe cardinal.train resolves for ``name`` with the study's pass-through flags."""
     from cardinal.train import build_parser as train_parser
@@ -90,7 +94,7 @@ def planned_recipe(name: str, extra: Sequence[str]) -> Recipe:
 
 def run_lengths(recipe: str, lengths: Sequence[int], extra: Sequence[str]) -> List[int]:
     """One run per length, or one of the longest where each epoch k of the recipe's runs is a k-epoch run."""
-    lengths = sorted(set(lengths))
+    lengths = sorted(unique(lengths))
     if len(lengths) > 1 and planned_recipe(recipe, extra).epochs_are_runs:
         return lengths[-1:]
     return lengths
@@ -104,12 +108,12 @@ def plan(args, extra: Sequence[str]) -> List[PlannedRun]:
         raise CardinalError(f"unknown recipe {unknown[0]!r}; choose from: {', '.join(RECIPES)}")
     several = len(set(args.epochs)) > 1
     alone = not several and len(set(args.recipes)) == 1
-    lengths = {recipe: run_lengths(recipe, args.epochs, extra) for recipe in dict.fromkeys(args.recipes)}
+    lengths = {recipe: run_lengths(recipe, args.epochs, extra) for recipe in unique(args.recipes)}
     runs = []
-    for seed in dict.fromkeys(args.seeds):
+    for seed in unique(args.seeds):
         for recipe, recipe_lengths in lengths.items():
             for epochs in recipe_lengths:
-                for arch in dict.fromkeys(args.archs):
+                for arch in unique(args.archs):
                     described = f"{arch} (seed {seed})" if alone else f"{arch} ({recipe}, {epochs} epochs, seed {seed})"
                     runs.append(PlannedRun(arch, recipe, epochs, seed,
                                            run_name(arch, recipe, args.dataset, seed, epochs if several else None),
@@ -283,7 +287,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         summary_args += ["--plot", str(args.output_dir / "summary.png")]
     (args.output_dir / "study.json").write_text(json.dumps(
-        {"archs": args.archs, "seeds": args.seeds, "epochs": args.epochs, "recipes": list(dict.fromkeys(args.recipes)),
+        {"archs": unique(args.archs), "seeds": unique(args.seeds), "epochs": unique(args.epochs),
+         "recipes": unique(args.recipes),
          "dataset": args.dataset, "launcher": args.launcher, "train_args": extra,
          "runs": [planned.name for planned in runs]}, indent=2))
     return summary.main(summary_args)

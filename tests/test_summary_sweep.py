@@ -278,6 +278,12 @@ def test_a_plot_of_many_settings_names_them_as_the_tables_do_and_draws_no_two_al
     speed = figure.axes[2]
     assert [t.get_text() for t in speed.get_yticklabels()][0] == "lr=0.01"  # bars named as the legend
     assert len({(bar.get_facecolor(), bar.get_hatch()) for bar in speed.patches}) == len(lrs)
+    import matplotlib
+
+    colors = matplotlib.colormaps["tab10"]
+    styles = [plot_module.Style(i) for i in range(250)]
+    assert len({(s.color(colors), s.marker, str(s.line)) for s in styles}) == 250
+    assert len({(s.color(colors), s.hatch) for s in styles[:50]}) == 50
 
 
 def test_the_csv_carries_every_knob_so_a_sweep_pivots_on_them(lr_sweep, capsys):
@@ -289,3 +295,19 @@ def test_the_csv_carries_every_knob_so_a_sweep_pivots_on_them(lr_sweep, capsys):
     by_lr = fast.set_index("recipe.lr")["test_acc"]
     assert by_lr.idxmax() == 0.2 and by_lr[0.2] == pytest.approx(66.5)  # seeds 0 and 1: 66 and 67
     assert {"recipe.weight_decay", "recipe.optimizer", "grad_accum"} <= set(table.columns)
+
+
+def test_a_length_apart_never_hides_another_difference(tmp_path):
+    for epochs, overrides in ((1, {}), (3, {}), (4, {"optimizer": "adamw", "lr": 0.001}), (2, {"label_smoothing": 0})):
+        write_run(tmp_path / f"fast-{epochs}", "tiny_resnet", 0, _curve(60.0, epochs), recipe="fast",
+                  overrides=overrides)
+    write_run(tmp_path / "cosine-2", "tiny_resnet", 0, _curve(50.0, 2), overrides={"schedule": "cosine"})
+    write_run(tmp_path / "cosine-3", "tiny_resnet", 0, _curve(50.0, 3), overrides={"schedule": "cosine"})
+    lines = [line for line in summary.summarize([tmp_path]).takeaways if line.startswith("Not compared")]
+    by_length = [line for line in lines if "different lengths" in line]
+    assert len(by_length) == 2  # fast's two default sets; seed's two cosine sets: one line per recipe
+    fast_line = next(line for line in by_length if "fast" in line)
+    assert "1 epoch: " in fast_line and "3 epochs: " in fast_line and "adamw" not in fast_line
+    assert not re.search(r"label_smoothing=0[,)]", fast_line) and "seed" not in fast_line
+    assert any("optimizer muon vs adamw" in line or "optimizer adamw vs muon" in line for line in lines)
+    assert any("label_smoothing 0 vs 0.1" in line or "label_smoothing 0.1 vs 0" in line for line in lines)

@@ -1,7 +1,8 @@
 """Compare runs: which runs are replicates, how far apart the settings are, and how sure that is.
 
     python -m cardinal.summary                         # every run under runs/
-    python -m cardinal.summary runs/sweep --all        # also per-epoch tables and every takeaway
+    python -m cardinal.summary runs/sweep --all        # also the per-epoch tables, takeaways and notes
+    python -m cardinal.summary runs/sweep --all --every-pair  # every pair of a sweep, not each against its best
     python -m cardinal.summary runs/study --epochs 1 5 10 --format markdown --output study.md
     python -m cardinal.summary runs/study --plot study.png
 

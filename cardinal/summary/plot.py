@@ -44,30 +44,31 @@ def accuracy_curve(group: Group) -> pd.DataFrame:
 
 @dataclass
 class Style:
-    """How a setting is drawn: ten colours, then the next ten with another marker and line, and so on, so
-    a sweep of many settings never draws two alike."""
+    """How a setting is drawn: ten colours; past ten, another marker and bar hatch (50 looks), past 50
+    another line too (250 curves), so a sweep of many settings never draws two curves alike."""
 
     index: int
 
     def color(self, colors):
-        return colors(self.index % 10)
+        return colors(self.index % len(COLOURS))
 
     @property
     def marker(self) -> str:
-        return MARKERS[self.index // 10 % len(MARKERS)]
-
-    @property
-    def line(self) -> str | tuple:
-        return LINES[self.index // 10 % len(LINES)]
+        return MARKERS[self.index // len(COLOURS) % len(MARKERS)]
 
     @property
     def hatch(self) -> str:
-        return HATCHES[self.index // 10 % len(HATCHES)]
+        return HATCHES[self.index // len(COLOURS) % len(HATCHES)]
+
+    @property
+    def line(self) -> str | tuple:
+        return LINES[self.index // (len(COLOURS) * len(MARKERS)) % len(LINES)]
 
 
+COLOURS = range(10)  # matplotlib's tab10
 MARKERS = ("o", "s", "^", "D", "v")
-LINES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
 HATCHES = ("", "//", "..", "xx", "\\\\")
+LINES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
 FIGURE_WIDTH_IN = 17.0
 LEGEND_CHAR_IN = 0.075  # the legend's width per character at matplotlib's default font size
 

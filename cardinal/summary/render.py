@@ -198,8 +198,8 @@ def speed_view(models: pd.DataFrame, short: ShortNames) -> View:
              _fmt(m["median_img_per_s_ci95"], 1), _fmt(m["median_it_per_s"], 2),
              _fmt(m["median_train_tflop_per_s"], 3), str(m["runs"])]
             for _, m in models.iterrows()]
-    return View(f"Speed ({SPEED_NAME}, mean ± std over seeds; *: warm-up included)", headers, rows,
-                compact=True)
+    star = "; *: warm-up included" if models["speed_with_warm_up"].any() else ""
+    return View(f"Speed ({SPEED_NAME}, mean ± std over seeds{star})", headers, rows, compact=True)
 
 
 def _gap_cells(gap: pd.Series) -> list[str]:

@@ -11,7 +11,7 @@ import pandas as pd
 from cardinal import stats
 from cardinal.records import CONFIG_NAME, CSV_NAME
 from cardinal.summary.compare import recipe_pairs, setup_pairs
-from cardinal.summary.group import Group, comparable_sets, differences
+from cardinal.summary.group import LENGTH, SHOWN_AS_BATCH, Group, comparable_sets, differences
 from cardinal.summary.load import KNOB
 
 SPEED_NAME = "median img/s after warm-up"
@@ -73,17 +73,18 @@ def gap_line(r: Any) -> str:
             f"({seeds_text(r.method, r.n_model, r.n_baseline)}): {r.verdict}.")
 
 
-def _sized_by_length(name: str) -> bool:
-    """Conditions a recipe may size by the run's length (its knobs, the batch), not how or on what it ran."""
-    return name == "global_batch" or name.startswith(KNOB)
+SIZED_BY_LENGTH = (LENGTH, KNOB + "lr", SHOWN_AS_BATCH, "global_batch")  # a length and what it may size
 
 
-def _lengths_apart(first: list[Group], second: list[Group]) -> bool:
-    """Two sets of one recipe, run alike on the same data, kept apart by their lengths (and what those sized)."""
-    a, b = dict(first[0].conditions), dict(second[0].conditions)
-    same_run = all(a.get(k) == b.get(k) for k in a.keys() | b.keys() if not _sized_by_length(k))
-    return (same_run and first[0].length != second[0].length
+def _apart_by_length(first: list[Group], second: list[Group]) -> bool:
+    """Two sets of one recipe, run alike on the same data, kept apart only by their lengths (and the LR and
+    batch the budget rule sizes from a length)."""
+    return (_rest(first) == _rest(second) and first[0].length != second[0].length
             and not (first[0].epochs_are_runs and second[0].epochs_are_runs))
+
+
+def _rest(members: list[Group]) -> tuple:
+    return tuple((k, v) for k, v in members[0].conditions if k not in SIZED_BY_LENGTH)
 
 
 def _by_length_line(sets: list[list[Group]]) -> str:
@@ -99,7 +100,8 @@ def not_compared_lines(groups: list[Group]) -> list[str]:
     """One line per pair of condition sets: who is not compared with whom, and what differs; nothing where
     two sets of one arch between them are compared as recipes or setups (all there is to compare). Sets of
     one recipe kept apart by their lengths share one line, however many lengths a sweep has."""
-    lines, apart = [], []
+    lines: list[str] = []
+    apart: dict[tuple, list[list[Group]]] = {}  # per recipe and everything but the length: its sets
     paired = {"recipe": recipe_pairs(groups), "setup": setup_pairs(groups)}
     for first, second in itertools.combinations(comparable_sets(groups), 2):
         what = "; ".join(differences(second[0], first[0]))
@@ -108,13 +110,14 @@ def not_compared_lines(groups: list[Group]) -> list[str]:
                      if any({id(model), id(baseline)} <= members for model, baseline in pairs)), None)
         if kind and len({g.arch for g in first + second}) == 1:
             continue
-        if not kind and _lengths_apart(first, second):
-            apart += [s for s in (first, second) if not any(s is seen for seen in apart)]
+        if not kind and _apart_by_length(first, second):
+            sets = apart.setdefault(_rest(first), [])
+            sets += [s for s in (first, second) if not any(s is seen for seen in sets)]
             continue
         lead = f"Compared only arch by arch, as {kind} gaps" if kind else "Not compared"
         lines.append(f"{lead}: {', '.join(g.label for g in second)} with {', '.join(g.label for g in first)} "
                      f"({what}).")
-    return ([_by_length_line(apart)] if apart else []) + lines
+    return [_by_length_line(sets) for sets in apart.values()] + lines
 
 
 def best_epoch_lines(models: pd.DataFrame) -> list[str]:
