@@ -311,3 +311,42 @@ def test_a_length_apart_never_hides_another_difference(tmp_path):
     assert not re.search(r"label_smoothing=0[,)]", fast_line) and "seed" not in fast_line
     assert any("optimizer muon vs adamw" in line or "optimizer adamw vs muon" in line for line in lines)
     assert any("label_smoothing 0 vs 0.1" in line or "label_smoothing 0.1 vs 0" in line for line in lines)
+
+
+def _grid(result):
+    from cardinal.summary.group import legend
+    from cardinal.summary.render import sweep_grid_view
+
+    return sweep_grid_view(result, legend(result.groups))
+
+
+def test_a_sweep_of_two_knobs_is_also_shown_as_a_grid(tmp_path, capsys, monkeypatch):
+    for lr in (0.4, 0.1, 0.2):  # written out of order: the grid sorts numbers
+        for batch in (128, 64):
+            if (lr, batch) == (0.4, 64):
+                continue  # a combination not run reads "-"
+            write_run(tmp_path / f"lr{lr}-b{batch}", "tiny_resnet", 0, _curve(60.0 + 10 * lr + batch / 64, 3),
+                      recipe="fast", overrides={"lr": lr, "batch_size": batch})
+    grid = _grid(summary.summarize([tmp_path]))
+    assert grid.headers == ["lr", "batch 64", "batch 128"]
+    assert grid.rows == [["lr=0.1", "62.00", "63.00"], ["lr=0.2", "63.00", "64.00"], ["lr=0.4", "-", "66.00"]]
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = _summary([tmp_path], capsys)
+    assert code == 0 and "Final test accuracy % by lr and global batch" in out
+
+
+def test_no_grid_for_one_knob_several_lengths_or_unfinished_runs(tmp_path, lr_sweep):
+    assert _grid(summary.summarize([lr_sweep])) is None  # one knob (and the reference recipe)
+    for lr in (0.1, 0.2):
+        for epochs in (2, 3):
+            write_run(tmp_path / f"lr{lr}-e{epochs}", "tiny_resnet", 0, _curve(60.0, epochs), recipe="fast",
+                      overrides={"lr": lr})
+    assert _grid(summary.summarize([tmp_path])) is None  # lr x length: lengths are never a grid's axis
+    unfinished = tmp_path / "unfinished"
+    for lr in (0.1, 0.2):
+        for batch in (64, 128):
+            write_run(unfinished / f"lr{lr}-b{batch}", "tiny_resnet", 0, _curve(60.0, 2 if lr == 0.1 else 3),
+                      recipe="fast", overrides={"lr": lr, "batch_size": batch}, planned=3)
+    result = summary.summarize([unfinished])
+    assert not result.finals["finished"].all() and result.finals["length"].nunique() == 1
+    assert _grid(result) is None  # lr=0.1 stopped at 2 of 3 epochs

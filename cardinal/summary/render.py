@@ -11,7 +11,7 @@ import math
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from rich import box
@@ -21,8 +21,8 @@ from rich.table import Table
 
 from cardinal import stats
 from cardinal.summary.compare import SWEEP_SIZE
-from cardinal.summary.group import Group, Legend, legend
-from cardinal.summary.load import CUMULATIVE_TIME
+from cardinal.summary.group import CONDITION_NAMES, Group, Legend, legend
+from cardinal.summary.load import CUMULATIVE_TIME, KNOB
 from cardinal.summary.takeaways import SPEED_NAME, gflops_text, interval_text, seeds_text, signed
 
 if TYPE_CHECKING:
@@ -99,6 +99,53 @@ def final_view(summary: Summary, names: Legend) -> View:
     title = (f"Final test accuracy, best first ({runs} run{'s' if runs > 1 else ''} in {settings} "
              f"setting{'s' if settings > 1 else ''}{each}{rerun})")
     return View(title, headers, rows, ("Setting", "± 95%"), compact=True)
+
+
+GRID_SIZE = 4  # settings from which a sweep of two conditions is also shown as a grid
+
+
+def _axis_value(group: Group, name: str) -> Any:
+    return {"arch": group.arch, "recipe": group.recipe_name}.get(name, dict(group.conditions).get(name))
+
+
+def _in_order(values: Iterable[Any]) -> list[Any]:
+    """Numbers by size (an LR sweep reads top to bottom), anything else as it first appears."""
+    unique = list(dict.fromkeys(values))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in unique)
+    return sorted(unique) if numbers else unique
+
+
+def sweep_grid_view(summary: Summary, names: Legend) -> View | None:
+    """A sweep of two conditions (every setting told apart by the same two, all finished at one length):
+    the final accuracies as a grid, one condition down and the other across, where a long best-first list
+    hides the pattern. None for anything else."""
+    groups, finals = summary.groups, summary.finals.set_index("group")
+    axes = {tuple(name for name, _ in parts) for parts in names.parts}
+    if (len(groups) < GRID_SIZE or len(axes) != 1 or len(next(iter(axes))) != 2
+            or finals["length"].nunique() > 1 or not finals["finished"].all()):
+        return None
+    down, across = next(iter(axes))
+    cells: dict[tuple[Any, Any], int] = {}
+    words: dict[tuple[str, Any], str] = {}
+    for index, group in enumerate(groups):
+        key = (_axis_value(group, down), _axis_value(group, across))
+        if key in cells:
+            return None  # two settings alike on both: the grid would hide one
+        cells[key] = index
+        words.update({(name, value): text for (name, text), value in zip(names.parts[index], key)})
+    rows, columns = _in_order(k[0] for k in cells), _in_order(k[1] for k in cells)
+    if len(rows) < 2 or len(columns) < 2:
+        return None
+    title = (f"Final test accuracy % by {_axis_title(down)} and {_axis_title(across)} (mean over seeds; "
+             "intervals above)")
+    headers = [_axis_title(down)] + [words[(across, value)] for value in columns]
+    body = [[words[(down, row)]] + [f"{finals.loc[cells[(row, column)], 'test_acc']:.2f}"
+                                    if (row, column) in cells else "-" for column in columns] for row in rows]
+    return View(title, headers, body, (headers[0],), compact=True)
+
+
+def _axis_title(name: str) -> str:
+    return CONDITION_NAMES.get(name, name.removeprefix(KNOB))
 
 
 def _gap_interval(gap: pd.Series) -> str:
@@ -220,7 +267,8 @@ def gap_view(gaps: pd.DataFrame, title: str, short: ShortNames) -> View | None:
 
 
 def answer_views(summary: Summary, names: Legend) -> list[View]:
-    return [v for v in (final_view(summary, names), final_gap_view(summary, names)) if v is not None]
+    views = (final_view(summary, names), sweep_grid_view(summary, names), final_gap_view(summary, names))
+    return [v for v in views if v is not None]
 
 
 def detail_views(summary: Summary) -> list[View]:
