@@ -46,7 +46,7 @@ def test_sweep_answer_fits_80_columns_and_about_one_screen(sweep, capsys, monkey
     code, out, err = _summary([sweep], capsys)
     lines = out.splitlines()
     assert code == 0 and err == ""
-    assert max(len(line) for line in lines) <= 80 and len(lines) <= 36  # 8 gaps: seed stands for 1 and 3 epochs
+    assert max(len(line) for line in lines) <= 80 and len(lines) <= 40  # 8 gaps; seed at 1 and 3 epochs in the table
     gaps = next(i for i, line in enumerate(lines) if line.startswith("Gaps at the end"))
     assert gaps + 3 < 24  # the final table and the first gap are on the first screen
     wide = render_table(summary.summarize([sweep]), 400)
@@ -350,3 +350,19 @@ def test_no_grid_for_one_knob_several_lengths_or_unfinished_runs(tmp_path, lr_sw
     result = summary.summarize([unfinished])
     assert not result.finals["finished"].all() and result.finals["length"].nunique() == 1
     assert _grid(result) is None  # lr=0.1 stopped at 2 of 3 epochs
+
+
+def test_the_final_table_holds_both_sides_of_a_gap_read_at_a_stand_in_epoch(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed-{seed}", "tiny_resnet", seed, [30.0 + seed, 40.0 + seed, 45.0, 50.0])
+        write_run(tmp_path / f"fast-{seed}", "tiny_resnet", seed, [50.0 + seed, 60.0 + seed], recipe="fast")
+    result = summary.summarize([tmp_path])
+    finals = result.finals.set_index(["model", "epoch"])
+    assert bool(finals.loc[("tiny_resnet (seed)", 2), "stand_in"]) and finals.loc[("tiny_resnet (seed)", 2),
+                                                                                  "test_acc"] == 40.5
+    assert not finals.loc[("tiny_resnet (seed)", 4), "stand_in"] and len(finals) == 3
+    gap = result.final_gaps.iloc[0]
+    assert (gap["epoch"], gap["baseline_value"]) == (2, 40.5)  # the row the table shows
+    text = render_table(result, 80)
+    assert re.search(r"seed\s+2 of 4\s+40\.50", text) and "seed k of n: epoch k of its n-epoch runs" in " ".join(
+        text.split())

@@ -88,7 +88,8 @@ def final_view(summary: Summary, names: Legend) -> View:
     single = {m.model for m in summary.models.itertuples() if m.speed_with_warm_up}
     rows = []
     for _, row in finals.iterrows():
-        epochs = str(row["epoch"]) if row["finished"] else f"{row['epoch']} of {row['length']}"
+        whole = row["finished"] and not row["stand_in"]
+        epochs = str(row["epoch"]) if whole else f"{row['epoch']} of {row['length']}"
         speed = _fmt(row["img_per_s"], 1) + ("*" if row["model"] in single else "")
         rows.append([names.label(row["group"]), epochs] + ([str(row["runs"])] if several else [])
                     + [f"{row['test_acc']:.2f}", _accuracy_interval(row), speed])
@@ -119,7 +120,7 @@ def sweep_grid_view(summary: Summary, names: Legend) -> View | None:
     """A sweep of two conditions (every setting told apart by the same two, all finished at one length):
     the final accuracies as a grid, one condition down and the other across, where a long best-first list
     hides the pattern. None for anything else."""
-    groups, finals = summary.groups, summary.finals.set_index("group")
+    groups, finals = summary.groups, summary.finals[~summary.finals["stand_in"]].set_index("group")
     axes = {tuple(name for name, _ in parts) for parts in names.parts}
     if (len(groups) < GRID_SIZE or len(axes) != 1 or len(next(iter(axes))) != 2
             or finals["length"].nunique() > 1 or not finals["finished"].all()):
@@ -181,6 +182,11 @@ def footer_lines(summary: Summary, everything: bool = False) -> list[str]:
         words.append("sig./n.s.: the gap's 95% interval excludes/contains 0; 1 seed: no verdict.")
     if not summary.final_gaps.empty and summary.final_gaps["against_best"].any():
         words.append(f"{SWEEP_SIZE} or more settings compared with one another: each against the best of them.")
+    stand_ins = summary.finals.loc[summary.finals["stand_in"], "group"]
+    if not stand_ins.empty:
+        recipes = " and ".join(dict.fromkeys(summary.groups[i].recipe_name for i in stand_ins))
+        words.append(f"{recipes} k of n: epoch k of its n-epoch runs, which stands for a k-epoch run (a constant "
+                     "LR) in the gaps.")
     if summary.final_gaps.empty and len(summary.groups) > 1:
         words.append("No gaps at the end of runs: no two finished settings of equal length differ only in arch, "
                      "in recipe or in how they ran.")
