@@ -364,5 +364,24 @@ def test_the_final_table_holds_both_sides_of_a_gap_read_at_a_stand_in_epoch(tmp_
     gap = result.final_gaps.iloc[0]
     assert (gap["epoch"], gap["baseline_value"]) == (2, 40.5)  # the row the table shows
     text = render_table(result, 80)
-    assert re.search(r"seed\s+2 of 4\s+40\.50", text) and "seed k of n: epoch k of its n-epoch runs" in " ".join(
+    assert re.search(r"seed\s+2 in 4\s+40\.50", text) and "k in n (seed): epoch k of n-epoch runs" in " ".join(
         text.split())
+
+
+def test_a_stand_in_reads_apart_from_an_unfinished_run(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path / f"seed-{seed}", "tiny_resnet", seed, [30.0 + seed, 40.0, 45.0, 50.0, 52.0], planned=10)
+        write_run(tmp_path / f"fast-{seed}", "tiny_resnet", seed, [50.0 + seed, 55.0, 60.0 + seed], recipe="fast")
+    text = render_table(summary.summarize([tmp_path]), 80)
+    assert re.search(r"seed\s+5 of 10\s", text) and re.search(r"seed\s+3 in 10\s", text)
+
+
+def test_runs_without_config_still_make_a_grid(tmp_path):
+    for arch in ("tiny_resnet", "tiny_resnext"):
+        for batch in (64, 128):
+            write_run(tmp_path / f"{arch}-{batch}", arch, 0, _curve(60.0 + batch / 64, 2), config=False,
+                      overrides={"batch_size": batch})
+    result = summary.summarize([tmp_path])
+    grid = _grid(result)
+    assert grid is not None and grid.headers == ["arch", "batch 64", "batch 128"]
+    assert "recipe unresolved" in render_table(result, 80).split("\n")[0]  # said once, above the table

@@ -116,7 +116,8 @@ def final_table(groups: list[Group]) -> pd.DataFrame:
     """Per group, in the order given: test accuracy at the last epoch (over the runs that reached it), its
     95% half-width (NaN below 2 seeds), whether that interval is too wide to mean anything, and the mean
     steady-state img/s; then a row per shorter length its epochs stand for in a recipe gap (``stand_in``:
-    epoch k of a constant-LR run set against a k-epoch run), so both sides of every gap are in the table."""
+    epoch k of a constant-LR run set against a k-epoch run, itself a finished k-epoch run), so both sides
+    of every gap are in the table."""
     index = {id(g): i for i, g in enumerate(groups)}
     ends = [(group, group.last_epoch(), False) for group in groups]
     stand_ins = {(id(g), pair.epoch): g for pair in _ended(recipe_pairs(groups)) for g in (pair.model, pair.baseline)
@@ -127,7 +128,7 @@ def final_table(groups: list[Group]) -> pd.DataFrame:
     for group, epoch, stand_in in ends:
         at = group.at_epoch(epoch)
         row = {"group": index[id(group)], "model": group.label, "epoch": epoch, "length": group.length,
-               "finished": group.finished(), "stand_in": stand_in, "runs": len(at)}
+               "finished": stand_in or group.finished(), "stand_in": stand_in, "runs": len(at)}
         accuracy = _aggregate(row, "test_acc", [r["test_acc"] for _, r in at])
         row["test_acc_too_wide"] = stats.too_wide(accuracy.mean - accuracy.ci95, accuracy.mean + accuracy.ci95,
                                                   *ACCURACY_LIMITS)

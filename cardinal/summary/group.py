@@ -257,7 +257,9 @@ def legend(groups: list[Group], with_length: bool = False) -> Legend:
                 parts[index].append((name, words(group)))
         else:
             shared.append(("recipe " if name == "recipe" else "") + words(groups[0]))
-    if any(not g.resolved for g in groups):
+    if all(not g.resolved for g in groups) and len(groups) > 1:
+        shared.append("recipe unresolved")
+    elif any(not g.resolved for g in groups):
         for index, group in enumerate(groups):
             if not group.resolved and len(groups) > 1:
                 parts[index].append(("recipe_resolved", "recipe unresolved"))

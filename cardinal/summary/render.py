@@ -88,8 +88,10 @@ def final_view(summary: Summary, names: Legend) -> View:
     single = {m.model for m in summary.models.itertuples() if m.speed_with_warm_up}
     rows = []
     for _, row in finals.iterrows():
-        whole = row["finished"] and not row["stand_in"]
-        epochs = str(row["epoch"]) if whole else f"{row['epoch']} of {row['length']}"
+        if row["stand_in"]:
+            epochs = f"{row['epoch']} in {row['length']}"
+        else:
+            epochs = str(row["epoch"]) if row["finished"] else f"{row['epoch']} of {row['length']}"
         speed = _fmt(row["img_per_s"], 1) + ("*" if row["model"] in single else "")
         rows.append([names.label(row["group"]), epochs] + ([str(row["runs"])] if several else [])
                     + [f"{row['test_acc']:.2f}", _accuracy_interval(row), speed])
@@ -184,9 +186,9 @@ def footer_lines(summary: Summary, everything: bool = False) -> list[str]:
         words.append(f"{SWEEP_SIZE} or more settings compared with one another: each against the best of them.")
     stand_ins = summary.finals.loc[summary.finals["stand_in"], "group"]
     if not stand_ins.empty:
-        recipes = " and ".join(dict.fromkeys(summary.groups[i].recipe_name for i in stand_ins))
-        words.append(f"{recipes} k of n: epoch k of its n-epoch runs, which stands for a k-epoch run (a constant "
-                     "LR) in the gaps.")
+        recipes = ", ".join(dict.fromkeys(summary.groups[i].recipe_name for i in stand_ins))
+        words.append(f"k in n ({recipes}): epoch k of n-epoch runs with a constant LR, which stands for a "
+                     "k-epoch run in the gaps.")
     if summary.final_gaps.empty and len(summary.groups) > 1:
         words.append("No gaps at the end of runs: no two finished settings of equal length differ only in arch, "
                      "in recipe or in how they ran.")
