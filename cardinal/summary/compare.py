@@ -120,10 +120,7 @@ def final_table(groups: list[Group]) -> pd.DataFrame:
     of every gap are in the table."""
     index = {id(g): i for i, g in enumerate(groups)}
     ends = [(group, group.last_epoch(), False) for group in groups]
-    stand_ins = {(id(g), pair.epoch): g for pair in _ended(recipe_pairs(groups)) for g in (pair.model, pair.baseline)
-                 if g.epochs_are_runs and pair.epoch < g.last_epoch()}
-    ends += [(group, epoch, True) for (_, epoch), group in sorted(stand_ins.items(), key=lambda item:
-                                                                   (index[item[0][0]], item[0][1]))]
+    ends += [(group, epoch, True) for group, epoch in _stand_ins(groups)]
     rows = []
     for group, epoch, stand_in in ends:
         at = group.at_epoch(epoch)
@@ -135,6 +132,16 @@ def final_table(groups: list[Group]) -> pd.DataFrame:
         _aggregate(row, "img_per_s", group.medians("img_per_s"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _stand_ins(groups: list[Group]) -> list[tuple[Group, int]]:
+    """(group, k) for each epoch k at which a constant-LR group is set against k-epoch runs in a recipe gap,
+    short of its own end; in the order of the groups, then of k."""
+    found = {(id(g), pair.epoch): g for pair in _ended(recipe_pairs(groups)) for g in (pair.model, pair.baseline)
+             if g.epochs_are_runs and pair.epoch < g.last_epoch()}
+    order = {id(g): i for i, g in enumerate(groups)}
+    ranked = sorted(found.items(), key=lambda item: (order[item[0][0]], item[0][1]))
+    return [(group, epoch) for (_, epoch), group in ranked]
 
 
 # ---------------------------------------------------------------------------------------------- pairs
