@@ -118,6 +118,10 @@ def _in_order(values: Iterable[Any]) -> list[Any]:
     return sorted(unique) if numbers else unique
 
 
+def _axis_title(name: str) -> str:
+    return CONDITION_NAMES.get(name, name.removeprefix(KNOB))
+
+
 def sweep_grid_view(summary: Summary, names: Legend) -> View | None:
     """A sweep of two conditions (every setting told apart by the same two, all finished at one length):
     the final accuracies as a grid, one condition down and the other across, where a long best-first list
@@ -145,10 +149,6 @@ def sweep_grid_view(summary: Summary, names: Legend) -> View | None:
     body = [[words[(down, row)]] + [f"{finals.loc[cells[(row, column)], 'test_acc']:.2f}"
                                     if (row, column) in cells else "-" for column in columns] for row in rows]
     return View(title, headers, body, (headers[0],), compact=True)
-
-
-def _axis_title(name: str) -> str:
-    return CONDITION_NAMES.get(name, name.removeprefix(KNOB))
 
 
 def _gap_interval(gap: pd.Series) -> str:
