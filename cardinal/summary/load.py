@@ -84,9 +84,9 @@ class Run:
     def recipe_resolved(self) -> bool:
         return dict(self.conditions)["recipe_resolved"]
 
-    @property
+    @cached_property
     def last_epoch(self) -> int:
-        return int(self.frame["epoch"].max())
+        return int(self.frame["epoch"].max())  # asked for by every pair and rule that reads where a run ended
 
     @cached_property
     def rows_by_epoch(self) -> dict[int, pd.Series]:
