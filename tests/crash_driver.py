@@ -4,8 +4,9 @@
     python tests/crash_driver.py random ROOT KILLS SEED   # runs killed KILLS times in all, each resumed
 
 Torch and cardinal are imported once, here; every child is a fork that runs ``cardinal.train.main`` as the
-command line would, so a kill costs no interpreter start. ROOT/straight is the uninterrupted run to compare
-with. Prints one JSON object: what each child exited with.
+command line would, so a kill costs no interpreter start. torch._dynamo too: torch imports it on a run's first
+FLOP count or optimizer step, and that import (about 2 s) would otherwise be paid again in every child.
+ROOT/straight is the uninterrupted run to compare with. Prints one JSON object: what each child exited with.
 """
 
 import json
@@ -15,6 +16,8 @@ import signal
 import sys
 import time
 from pathlib import Path
+
+import torch._dynamo  # noqa: F401  (imported once here, not in every child: see above)
 
 import cardinal.train as train_module
 from cardinal.cli import run
