@@ -130,6 +130,13 @@ class ForkServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def cli_ok(module, args, **kwargs):
+    """``cli`` for a command that must succeed."""
+    done = cli(module, args, **kwargs)
+    assert done.returncode == 0, output_tail(done)
+    return done
+
+
 def output_tail(done, chars=3000):
     """The end of both streams: a rank that dies at exit leaves its cause on one, the last lines on the other."""
     return done.stdout[-chars:] + done.stderr[-chars:]

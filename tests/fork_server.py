@@ -20,10 +20,12 @@ import signal
 import sys
 import traceback
 
-# imported once, here, for every child (torch imports torch._dynamo on a run's first FLOP count or optimizer step)
+# imported once, here, for every child: torch imports torch._dynamo on a run's first FLOP count or optimizer
+# step, and the compiler (with networkx) when a run compiles
 import accelerate  # noqa: F401
 import torch
-import torch._dynamo  # noqa: F401
+import torch._dynamo
+import torch._inductor.compile_fx  # noqa: F401
 
 import cardinal.export
 import cardinal.summary

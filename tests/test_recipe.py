@@ -16,19 +16,13 @@ from cardinal.data import hold_out, split_validation, synthetic_split, validatio
 from cardinal.optim import build_schedule
 from cardinal.records import TIMING_COLUMNS, ConsoleReport
 
-from conftest import SYNTHETIC, TINY, train
+from conftest import SYNTHETIC, TINY, cli_ok, train
 
 # no --batch-size or --lr: the budget rule sizes both (batch 32 for 160 images, 2 epochs, and Muon's peak
 # at batch 32: 4 * 2e-3 * sqrt(32 / 256), 0.02262 per 256)
 RUN = [*TINY, "--dataset", "synthetic", "--synthetic-train", "200", "--synthetic-test", "64", "--recipe", "fast",
        "--val-images", "0.2", "--no-export"]
 COMPARED_OUT = set(TIMING_COLUMNS) | {"run_name", "command"}
-
-
-def _train_in_process(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        run(train_module.main, argv)
-    assert exit_info.value.code == 0
 
 
 # ------------------------------------------------------------------------------------- validation split
@@ -136,9 +130,9 @@ def runs(tmp_path_factory):
     same run stopped after 1 epoch."""
     root = tmp_path_factory.mktemp("recipe-runs")
     for name, extra in (("straight", []), ("half", ["--stop-after", "1"])):
-        _train_in_process([*RUN, "--epochs", "2", "--eval-flip", "--ema-decay", "0.9", "--warmup-fraction", "0.3",
-                           "--decay-fraction", "0.8", "--head-lr-scale", "0.5", *extra, "--output-dir", str(root),
-                           "--run-name", name])
+        cli_ok("cardinal.train", [*RUN, "--epochs", "2", "--eval-flip", "--ema-decay", "0.9", "--warmup-fraction",
+                                  "0.3", "--decay-fraction", "0.8", "--head-lr-scale", "0.5", *extra, "--output-dir",
+                                  str(root), "--run-name", name])
     return root
 
 
@@ -172,7 +166,7 @@ def test_resume_keeps_the_split_the_schedule_and_the_average(runs, tmp_path):
     import shutil
 
     half = shutil.copytree(runs / "half", tmp_path / "half")
-    _train_in_process(["--resume", str(half), "--no-progress"])
+    cli_ok("cardinal.train", ["--resume", str(half), "--no-progress"])
     straight, resumed = (pd.read_csv(folder / "epochs.csv") for folder in (runs / "straight", half))
     configs = [json.loads((folder / "config.json").read_text())["recipe"] for folder in (runs / "straight", half)]
     assert configs[0] == configs[1]  # sized once, at the start, and kept on resume

@@ -29,6 +29,8 @@ from cardinal.speedups import (
 )
 from cardinal.train import build_parser, config_from_args
 
+from conftest import SYNTHETIC, TINY, cli, cli_ok, output_tail, train
+
 
 @pytest.fixture
 def no_compile_env(monkeypatch):
@@ -219,19 +221,6 @@ def test_evaluation_runs_in_the_runs_precision_even_for_a_model_accelerate_did_n
     assert dtypes == [torch.bfloat16]
 
 
-def _train_in_process(argv):
-    """cardinal.train's main in this process (three launches would cost more than the runs themselves)."""
-    from accelerate.state import AcceleratorState
-
-    from cardinal import train as train_module
-
-    AcceleratorState._reset_state(True)
-    try:
-        assert train_module.main([*argv, "--no-progress"]) == 0
-    finally:
-        AcceleratorState._reset_state(True)
-
-
 @pytest.mark.slow
 def test_a_compiled_run_resumes_to_the_csv_of_an_uninterrupted_eager_one_and_exports(tmp_path, monkeypatch):
     """Dynamo's eager backend (CARDINAL_COMPILE_BACKEND) computes what eager mode computes, so a compiled run
@@ -240,12 +229,12 @@ def test_a_compiled_run_resumes_to_the_csv_of_an_uninterrupted_eager_one_and_exp
     args = ["--arch", "tiny_resnet", "--dataset", "synthetic", "--synthetic-train", "256", "--synthetic-test",
             "100", "--batch-size", "64", "--eval-batch-size", "64", "--epochs", "2", "--ema-decay", "0.9",
             "--output-dir", str(tmp_path)]
-    _train_in_process([*args, "--no-export", "--no-compile", "--run-name", "eager"])
+    cli_ok("cardinal.train", [*args, "--no-export", "--no-compile", "--run-name", "eager", "--no-progress"])
     straight = pd.read_csv(tmp_path / "eager" / "epochs.csv")
     assert (straight["compiled"] == False).all()  # noqa: E712 (a CSV column of booleans)
-    _train_in_process([*args, "--compile", "--stop-after", "1", "--run-name", "compiled"])
+    cli_ok("cardinal.train", [*args, "--compile", "--stop-after", "1", "--run-name", "compiled", "--no-progress"])
     assert list(pd.read_csv(tmp_path / "compiled" / "epochs.csv")["epoch"]) == [1]
-    _train_in_process(["--resume", str(tmp_path / "compiled")])
+    cli_ok("cardinal.train", ["--resume", str(tmp_path / "compiled"), "--no-progress"])
     resumed = pd.read_csv(tmp_path / "compiled" / "epochs.csv")
     assert (resumed["compiled"] == "default").all()  # the mode that ran, on every row
     assert list(resumed["warm_up"]) == [True, True]  # each invocation compiled anew: neither epoch is steady
@@ -287,8 +276,6 @@ def test_a_resume_takes_the_compile_flags_given_and_keeps_what_ran_otherwise(tmp
 def test_a_compiled_two_process_run_matches_an_eager_one_and_resumes_to_it(tmp_path):
     """Under DDP the compiled wrapper sits around the DDP module in the default mode (no CUDA graphs); with
     dynamo's eager backend it must compute what the eager run computes, across a stop and a resume."""
-    from conftest import SYNTHETIC, TINY, cli, output_tail, train
-
     env = {BACKEND_ENV: "eager", "OMP_NUM_THREADS": "1"}
     args = [*TINY, *SYNTHETIC, "--epochs", "2", "--recipe", "fast", "--batch-size", "64", "--warmup-epochs", "1",
             "--no-export"]
