@@ -22,6 +22,7 @@ import torch
 
 from cardinal.cli import CardinalError
 from cardinal.crash import crash_point
+from cardinal.safeload import UnreadableTensors, load_tensors
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer.json"
@@ -132,10 +133,10 @@ def _load(path: Path, device) -> Any:
     if not path.is_file():
         raise CardinalError(f"cannot resume: {path} is missing (incomplete checkpoint)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # a damaged or booby-trapped file: refused, never half-used
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CardinalError(f"cannot resume: {path} cannot be read safely ({reason})") from None
+        return load_tensors(path, device)
+    except (UnreadableTensors, OSError) as error:  # a damaged or booby-trapped file: refused, never half-used
+        reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+        raise CardinalError(f"cannot resume: {path} cannot be read safely: {reason}") from None
 
 
 def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) -> Dict[str, Any]:
@@ -164,7 +165,7 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) 
             torch.set_rng_state(saved_rng["cpu"])
             if "cuda" in saved_rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(saved_rng["cuda"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as error:
-        reason = str(error).strip().splitlines()[0]
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CardinalError(f"cannot resume from {folder}: its state does not fit this run ({reason})") from None
     return state

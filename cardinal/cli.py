@@ -117,6 +117,18 @@ def seed_int(text: str) -> int:
     return value
 
 
+def is_folder_name(text: str) -> bool:
+    """One file or folder name, with no way to point outside the folder it is made in."""
+    return bool(text) and text not in (".", "..") and PurePath(text).name == text and not {"/", "\\", "\0"} & set(text)
+
+
+def single_name(text: str) -> str:
+    """A run name or file name stem given on the command line ("" keeps the default)."""
+    if text and not is_folder_name(text):
+        raise argparse.ArgumentTypeError(f"must be a single file or folder name, got {text!r}")
+    return text
+
+
 def finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):

@@ -29,9 +29,10 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, single_name
 from cardinal.fileio import write_bytes_atomic, write_text_atomic
 from cardinal.models import STEMS, build_model, list_archs
+from cardinal.safeload import UnreadableTensors, load_tensors
 from cardinal.syncbn import revert_sync_batchnorm
 
 FORMATS = ("torchscript", "program", "state_dict")
@@ -149,13 +150,15 @@ def load_state_dict_file(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
     if not path.is_file():
         raise CardinalError(f"weights file {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # corrupt, truncated or not a torch file
-        raise CardinalError(f"cannot read weights file {path}: {str(error).splitlines()[0]}") from None
+        state = load_tensors(path)
+    except (UnreadableTensors, OSError) as error:
+        reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
+        raise CardinalError(f"cannot read weights file {path}: {reason}") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CardinalError(f"{path} does not hold a state_dict")
+    if not isinstance(state, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
+        raise CardinalError(f"{path} does not hold a state_dict (parameter names to tensors)")
     return clean_state_dict(state)
 
 
@@ -295,7 +298,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--stem", choices=STEMS, default="cifar", help="stem of the network")
     parser.add_argument("--image-size", type=positive_int, default=32, help="input height and width")
     parser.add_argument("--output-dir", type=Path, default=Path("exported"), help="where files are written")
-    parser.add_argument("--name", default=None, help="file name stem (default: the arch name)")
+    parser.add_argument("--name", type=single_name, default=None,
+                        help="file name stem, inside --output-dir (default: the arch name)")
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS), metavar="FORMAT",
                         help="what to write")
     parser.add_argument("--mean", type=float, nargs=3, default=None, metavar=("R", "G", "B"),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -14,8 +16,19 @@ from cardinal.crash import crash_point
 
 @contextmanager
 def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); it replaces ``path`` if the block succeeds."""
-    path = Path(path)
+    """Yield a temporary path beside ``path`` (same suffix); it replaces ``path`` if the block succeeds.
+
+    A symlink is followed: its target is replaced and the link kept. A FIFO, device or socket cannot be
+    replaced, so what the block wrote is copied into it (``--output /dev/stdout`` works; ``/dev/full`` is
+    an OSError, and the device stays a device)."""
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
+    if _is_special(path):
+        with tempfile.TemporaryDirectory(prefix="cardinal-") as folder:
+            temp = Path(folder) / path.name
+            yield temp
+            with open(temp, "rb") as source, open(path, "wb") as target:
+                shutil.copyfileobj(source, target)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".tmp.{path.name}")
     try:
@@ -26,6 +39,15 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def _is_special(path: Path) -> bool:
+    """A FIFO, device or socket (not a regular file, a folder or nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def write_text_atomic(path: os.PathLike | str, text: str) -> None:

@@ -44,6 +44,8 @@ FLIP_COLUMNS = ("test_acc_tta", "val_acc_tta")
 EMA_COLUMNS = ("test_acc_ema", "val_acc_ema")
 ORDER = EPOCH_COLUMNS[:EPOCH_COLUMNS.index("lr")] + VALIDATION_COLUMNS[:2] + FLIP_COLUMNS + EMA_COLUMNS + \
     EPOCH_COLUMNS[EPOCH_COLUMNS.index("lr"):] + VALIDATION_COLUMNS[2:] + RUN_COLUMNS
+# the columns of numbers: a run's records are refused when one holds anything else
+METRIC_COLUMNS = tuple(c for c in EPOCH_COLUMNS if c != "warm_up") + VALIDATION_COLUMNS + FLIP_COLUMNS + EMA_COLUMNS
 TIMING_COLUMNS = ("epoch_time_s", "train_time_s", "eval_time_s", "it_per_s", "img_per_s",
                   "train_tflop_per_s", "peak_mem_mb", "warm_up")
 
@@ -104,8 +106,12 @@ def read_csv(path: Path) -> pd.DataFrame:
     missing = [c for c in ("epoch", "test_acc") if c not in frame.columns]
     if missing:
         raise CardinalError(f"{path} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")
-    if not pd.api.types.is_numeric_dtype(frame["epoch"]) or frame["epoch"].isna().any():
-        raise CardinalError(f"{path} is not a cardinal epochs CSV (its epoch column is not numeric)")
+    if frame["epoch"].isna().any():
+        raise CardinalError(f"{path} is not a cardinal epochs CSV (an epoch number is missing)")
+    not_numbers = [c for c in METRIC_COLUMNS if c in frame.columns and not pd.api.types.is_numeric_dtype(frame[c])]
+    if not_numbers:
+        raise CardinalError(f"{path} is not a cardinal epochs CSV (not numbers in: {', '.join(not_numbers)}); "
+                            "restore it from a copy")
     return frame
 
 

@@ -33,7 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from cardinal.cli import ArgumentParser, CardinalError, non_negative_int, positive_int, run, seed_int
+from cardinal.cli import (
+    ArgumentParser,
+    CardinalError,
+    non_negative_int,
+    positive_int,
+    run,
+    seed_int,
+    single_name,
+)
 from cardinal.config import RECIPES, TrainConfig
 from cardinal.records import COLUMNS, CONFIG_NAME, CSV_NAME
 
@@ -177,7 +185,6 @@ def write_rows(run_dir: Path, rows: List[Dict[str, Any]]) -> None:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.reference_run", description=__doc__.split("\n")[0])
     from cardinal.models import STEM_INITS, list_archs
-    from cardinal.train import run_name_arg
 
     parser.add_argument("--arch", default="resnet50", choices=list_archs(), metavar="ARCH",
                         help="architecture")
@@ -200,7 +207,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--limit-eval-batches", type=non_negative_int, default=0, metavar="N",
                         help="evaluation batches per epoch (0: all)")
     parser.add_argument("--output-dir", default="runs", help="parent folder of run folders")
-    parser.add_argument("--run-name", type=run_name_arg, default="",
+    parser.add_argument("--run-name", type=single_name, default="",
                         help="run folder name (default: <arch>-reference-<dataset>-seed<seed>)")
     return parser
 

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import IO, Iterable, List, Optional, Sequence, Tuple
 
 from cardinal.checkpoint import read_trainer_state
-from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
+from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, seed_int
 from cardinal.config import RECIPES, Recipe, TrainConfig
+from cardinal.data import DATASET_CHOICES
 from cardinal.models import list_archs
 from cardinal.records import CONFIG_NAME
 
@@ -38,14 +39,14 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m cardinal.study", description=__doc__.split("\n")[0])
     parser.add_argument("--archs", nargs="+", default=list(STUDY_ARCHS), choices=list_archs(), metavar="ARCH",
                         help="architectures to compare")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="one run per arch and seed")
+    parser.add_argument("--seeds", nargs="+", type=seed_int, default=[0], help="one run per arch and seed")
     parser.add_argument("--epochs", nargs="+", type=positive_int, default=[10], metavar="N",
                         help="lengths: one run per length (a recipe whose epoch k is a k-epoch run, as seed's, "
                              "trains once, for the longest)")
     parser.add_argument("--recipes", "--recipe", nargs="+", dest="recipes", default=["seed"], metavar="RECIPE",
                         help=f"training recipes, each arch, seed and length under each (one of: "
                              f"{', '.join(RECIPES)}; see cardinal.train --help)")
-    parser.add_argument("--dataset", default="cifar10", help="data set")
+    parser.add_argument("--dataset", default="cifar10", choices=DATASET_CHOICES, help="data set")
     parser.add_argument("--data-dir", default="data", help="CIFAR folder")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/study"), help="where the runs go")
     parser.add_argument("--launcher", default=None,

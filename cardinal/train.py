@@ -38,6 +38,7 @@ from cardinal.cli import (
     positive_int,
     run,
     seed_int,
+    single_name,
 )
 from cardinal.config import (
     AUGMENTATIONS,
@@ -86,10 +87,10 @@ from cardinal.validate import (
     IMAGE_SIDE,
     MAX_LR,
     MAX_SYNTHETIC_IMAGES,
+    check_restart_loses_nothing,
     check_rows_agree,
     check_trainer_state,
     checked_rows,
-    is_folder_name,
     validate_config,
 )
 
@@ -125,13 +126,6 @@ def count_or_fraction(text: str) -> float:
     if not math.isfinite(value) or value < 0 or (value >= 1 and not value.is_integer()):
         raise argparse.ArgumentTypeError(f"must be a count (0, 1, 2, ...) or a fraction below 1, got {text}")
     return value if 0 < value < 1 else int(value)
-
-
-def run_name_arg(text: str) -> str:
-    """A run name is one folder name: it cannot point outside --output-dir."""
-    if text and not is_folder_name(text):
-        raise argparse.ArgumentTypeError(f"must be a single folder name, got {text!r}")
-    return text
 
 
 def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
@@ -241,7 +235,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
 
     out = parser.add_argument_group("output")
     out.add_argument("--output-dir", default="runs", help="parent folder of run folders")
-    out.add_argument("--run-name", type=run_name_arg, default="",
+    out.add_argument("--run-name", type=single_name, default="",
                      help="run folder name (default: <arch>-<recipe>-<dataset>-seed<seed>)")
     out.add_argument("--save-every", type=positive_int, default=1, help="checkpoint every N epochs (and at the end)")
     out.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
@@ -553,6 +547,8 @@ def restore(session: Session, resuming: bool) -> Progress:
     if not resuming:
         return Progress()
     if read_trainer_state(session.run_dir) is None:
+        config = session.config
+        check_restart_loses_nothing(session.run_dir / CSV_NAME, min(config.save_every, config.recipe.epochs))
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
     check_resume_point(session)

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pandas as pd
 
-from cardinal.cli import MAX_SEED, CardinalError
+from cardinal.cli import MAX_SEED, CardinalError, is_folder_name
 
 MAX_LR = 1e3  # far above any useful SGD learning rate, far below an overflow
 MAX_BATCH = 1 << 20
@@ -25,11 +25,6 @@ MAX_CLASSES = 1000
 MAX_EPOCHS = 100_000
 IMAGE_SIDE = 32  # a crop padding beyond the image is not a crop
 PRECISIONS = ("no", "fp16", "bf16")
-
-
-def is_folder_name(text: str) -> bool:
-    """One folder name: a run name cannot point outside --output-dir."""
-    return bool(text) and text not in (".", "..") and Path(text).name == text and not {"/", "\\", "\0"} & set(text)
 
 
 def _flag(name: str) -> str:
@@ -184,6 +179,22 @@ def checked_rows(path: Path, epoch: int, identity: Dict[str, Any]) -> pd.DataFra
         raise CardinalError(f"cannot resume: {path} lacks the rows of epoch(s) {', '.join(map(str, missing))} "
                             f"that the checkpoint covers; restore it from a copy or start a new run")
     return covered.sort_values("epoch").reset_index(drop=True)
+
+
+def check_restart_loses_nothing(path: Path, first_save: int) -> None:
+    """A run folder with no complete checkpoint trains again from epoch 1 and rewrites its records. A crash
+    before the first checkpoint leaves rows of epochs 1..first_save at most, which the new start writes
+    again; rows past it mean a checkpoint existed and was removed, and starting over would lose them."""
+    from cardinal.records import read_csv
+
+    if not os.path.lexists(path):
+        return
+    frame = read_csv(path)
+    recorded = int(frame["epoch"].max()) if not frame.empty else 0
+    if recorded > first_save:
+        raise CardinalError(f"cannot resume: {path.parent} records {recorded} epochs but holds no checkpoint (its "
+                            f"first is saved after epoch {first_save}); restore checkpoint/ from a copy, or "
+                            "train anew under another --run-name")
 
 
 def check_rows_agree(state: Dict[str, Any], rows: pd.DataFrame, path: Path) -> None:

@@ -149,6 +149,16 @@ def train(args, tmp_path, processes=1, run_name="run", **kwargs):
     return pd.read_csv(tmp_path / run_name / "epochs.csv")
 
 
+class CodeTrap:
+    """Pickles as a call to os.mkdir: loading it unrestricted would create the marker folder."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
 class OneProcess:
     """Enough of Accelerator for one process to save a checkpoint."""
 

@@ -5,7 +5,6 @@ resume to the records an uninterrupted run writes, each epoch exactly once.
 """
 
 import json
-import os
 import shutil
 
 import pandas as pd
@@ -18,7 +17,7 @@ from cardinal.checkpoint_writer import save_checkpoint
 from cardinal.cli import run
 from cardinal.records import TIMING_COLUMNS
 
-from conftest import SYNTHETIC, TINY, OneProcess
+from conftest import SYNTHETIC, TINY, CodeTrap, OneProcess
 
 pytestmark = pytest.mark.slow  # every test resumes real (tiny) runs
 
@@ -116,16 +115,6 @@ def test_a_second_crash_never_deletes_the_only_complete_checkpoint(straight, tmp
     _resume_and_compare(run_dir, straight, capsys)
 
 
-class _Trap:
-    """Pickles as a call to os.mkdir: loading it unrestricted would create the marker folder."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
-
-
 @pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "ema.pt", "rng_state_0.pt", "trainer.json"])
 @pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
 def test_a_trapped_checkpoint_file_never_runs_code(straight, tmp_path, capsys, name, how):
@@ -135,14 +124,35 @@ def test_a_trapped_checkpoint_file_never_runs_code(straight, tmp_path, capsys, n
     marker = tmp_path / "code-ran"
     target = run_dir / "checkpoint" / name
     if how == "torch.save":
-        torch.save({"state": _Trap(marker)}, target)
+        torch.save({"state": CodeTrap(marker)}, target)
     else:
-        target.write_bytes(pickle.dumps(_Trap(marker)))
+        target.write_bytes(pickle.dumps(CodeTrap(marker)))
     before = (run_dir / "epochs.csv").read_bytes()
     code, err = _train(["--resume", str(run_dir)], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert name in err or "trainer.json" in err
     assert not marker.exists()
+    assert (run_dir / "epochs.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "ema.pt"])
+def test_a_checkpoint_file_of_tensors_in_another_shape_stops_the_resume(straight, tmp_path, capsys, name):
+    run_dir = _copy(straight, "one", tmp_path)
+    torch.save(torch.zeros(3), run_dir / "checkpoint" / name)  # readable, but not the state it should hold
+    before = (run_dir / "epochs.csv").read_bytes()
+    code, err = _train(["--resume", str(run_dir)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "does not fit this run" in err, err
+    assert (run_dir / "epochs.csv").read_bytes() == before
+
+
+def test_a_run_whose_checkpoint_was_removed_is_not_started_over(straight, tmp_path, capsys):
+    """Records past the first save mean a checkpoint existed: starting over would rewrite them."""
+    run_dir = _copy(straight, "two", tmp_path)
+    shutil.rmtree(run_dir / "checkpoint")
+    before = (run_dir / "epochs.csv").read_bytes()
+    code, err = _train(["--resume", str(run_dir)], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "records 2 epochs but holds no checkpoint" in err and "after epoch 1" in err
     assert (run_dir / "epochs.csv").read_bytes() == before
 
 

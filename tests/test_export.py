@@ -171,6 +171,16 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["../outside", "/tmp/abs", ".."])
+def test_a_file_name_that_leaves_the_output_folder_is_refused(tmp_path, capsys, name):
+    from cardinal.cli import run
+
+    with pytest.raises(SystemExit) as code:
+        run(main, ["--arch", "tiny_resnet", "--output-dir", str(tmp_path / "out"), "--name", name])
+    assert code.value.code == 2 and "--name" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside.ts").exists()
+
+
 def test_a_folder_given_as_a_weights_file_is_named_as_a_folder(tmp_path):
     from cardinal.cli import CardinalError
     with pytest.raises(CardinalError, match="is a folder, not a weights file.*model_state.pt"):

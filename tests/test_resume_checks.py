@@ -113,12 +113,16 @@ def _foreign_rows(path):
     frame.to_csv(path, index=False)
 
 
-def _edit_epochs(values):
+def _edit_column(column, values):
     def edit(path):
         frame = pd.read_csv(path)
-        frame["epoch"] = values
+        frame[column] = values
         frame.to_csv(path, index=False)
     return edit
+
+
+def _edit_epochs(values):
+    return _edit_column("epoch", values)
 
 
 @pytest.mark.parametrize("damage, fragments", [
@@ -129,6 +133,8 @@ def _edit_epochs(values):
     (_edit_epochs([1, 1]), ["repeated or non-whole"]),
     (_edit_epochs([1.5, 2]), ["repeated or non-whole"]),
     (_edit_epochs([2, 3]), ["epoch(s) 1"]),
+    (_edit_column("steps", ["x", 5]), ["not numbers in: steps"]),
+    (_edit_column("test_acc", ["abc", 50.0]), ["not numbers in: test_acc"]),
 ])
 def test_damaged_records_are_refused_before_use(run_dir, capsys, damage, fragments):
     damage(run_dir / "epochs.csv")

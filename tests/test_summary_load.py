@@ -115,6 +115,17 @@ def test_nothing_usable_left_is_one_line_and_exit_2(tmp_path, capsys, case):
     assert err.startswith(f"error: cannot use {bad}: ") and reason in err
 
 
+def test_a_hand_edited_config_with_a_mapping_for_a_knob_is_its_own_setting(two_archs, capsys):
+    import json
+
+    write_run(two_archs / "edited", "tiny_resnext", 2, [32.0, 43.0, 48.0])
+    config = json.loads((two_archs / "edited" / CONFIG_NAME).read_text())
+    config["recipe"]["lr"] = {"peak": 0.1}
+    (two_archs / "edited" / CONFIG_NAME).write_text(json.dumps(config))
+    code, out, err = _summary([two_archs], capsys)
+    assert code == 0 and err == "" and 'lr={"peak": 0.1}' in out
+
+
 def test_several_unusable_files_are_named_in_one_line(tmp_path, capsys):
     for name, case in (("x", "epoch 0"), ("y", "NaN seed")):
         write_run(tmp_path / name, "tiny_resnet", 0, [30.0, 40.0])

@@ -180,7 +180,10 @@ def read_frame(csv: Path) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------- validation
 def _plain(value: Any) -> Any:
-    """A hashable Python value from a CSV cell or JSON field (numpy scalars, lists, 'True', 256.0)."""
+    """A hashable Python value from a CSV cell or JSON field (numpy scalars, lists, 'True', 256.0; a mapping,
+    which no cardinal config holds as a knob, as its JSON text)."""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
     if isinstance(value, list):
         return tuple(_plain(v) for v in value)
     if hasattr(value, "item"):
