@@ -18,17 +18,17 @@ from cardinal.crash import crash_point
 def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); it replaces ``path`` if the block succeeds.
 
-    A symlink is followed: its target is replaced and the link kept. A FIFO, device or socket cannot be
-    replaced, so what the block wrote is copied into it (``--output /dev/stdout`` works; ``/dev/full`` is
-    an OSError, and the device stays a device)."""
-    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    if _is_special(path):
+    A symlink is followed: its target is replaced and the link kept. A stream cannot be replaced: a FIFO,
+    device or socket, or the process's own streams (``/dev/stdout``, ``/dev/fd/N``, ``/proc/...``) get what
+    the block wrote appended to them (``/dev/full`` is an OSError, and the device stays a device)."""
+    if _is_stream(Path(path)):
         with tempfile.TemporaryDirectory(prefix="cardinal-") as folder:
-            temp = Path(folder) / path.name
+            temp = Path(folder) / Path(path).name
             yield temp
-            with open(temp, "rb") as source, open(path, "wb") as target:
+            with open(temp, "rb") as source, open(path, "ab") as target:
                 shutil.copyfileobj(source, target)
         return
+    path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".tmp.{path.name}")
     try:
@@ -41,8 +41,14 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
             temp.unlink()
 
 
-def _is_special(path: Path) -> bool:
-    """A FIFO, device or socket (not a regular file, a folder or nothing)."""
+STREAM_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")  # links to whatever the stream is
+
+
+def _is_stream(path: Path) -> bool:
+    """Written into, never replaced: a FIFO, device or socket, or a name of one of this process's streams
+    (which may stand for a regular file the shell redirected to)."""
+    if str(path).startswith(STREAM_PATHS):
+        return True
     try:
         mode = os.stat(path).st_mode
     except OSError:

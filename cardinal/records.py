@@ -108,7 +108,8 @@ def read_csv(path: Path) -> pd.DataFrame:
         raise CardinalError(f"{path} is not a cardinal epochs CSV (missing columns: {', '.join(missing)})")
     if frame["epoch"].isna().any():
         raise CardinalError(f"{path} is not a cardinal epochs CSV (an epoch number is missing)")
-    not_numbers = [c for c in METRIC_COLUMNS if c in frame.columns and not pd.api.types.is_numeric_dtype(frame[c])]
+    not_numbers = [c for c in METRIC_COLUMNS if c in frame.columns and not frame.empty
+                   and not pd.api.types.is_numeric_dtype(frame[c])]
     if not_numbers:
         raise CardinalError(f"{path} is not a cardinal epochs CSV (not numbers in: {', '.join(not_numbers)}); "
                             "restore it from a copy")

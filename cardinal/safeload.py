@@ -44,25 +44,34 @@ def _format_problem(path: Path, start: bytes) -> str:
     if not start:
         return "the file is empty"
     if start == ZIP_START:
-        return "it is a TorchScript model, not a state_dict (load it with torch.jit.load)" if _torchscript(path) else ""
+        return _archive_problem(path)
     if start.startswith(PICKLE_START):
         return ""
     return "it is not a file written by torch.save"
 
 
-def _torchscript(path: Path) -> bool:
-    """TorchScript archives keep the model's code (``code/``) and constants beside the tensors."""
+def _archive_problem(path: Path) -> str:
+    """Saved models are zip archives too: TorchScript keeps its code (``code/``), torch.export its program
+    (``models/``, ``archive_format``) beside the tensors."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError):
-        return False
-    return any("/code/" in name or name.endswith("/constants.pkl") for name in names)
+        return ""  # torch.load says what is wrong with it
+    if any("/code/" in name or name.endswith("/constants.pkl") for name in names):
+        return "it is a TorchScript model, not a state_dict (load it with torch.jit.load)"
+    if any(name.endswith(("/archive_format", "/models/model.json")) for name in names):
+        return "it is a torch.export program, not a state_dict (load it with torch.export.load)"
+    return ""
 
 
 def _load_problem(error: Exception) -> str:
-    text = str(error).strip()
-    if "Weights only load failed" in text or "weights_only" in text:
-        return "it holds Python objects besides tensors, which cardinal never unpickles (they could run code)"
-    first = text.splitlines()[0] if text else type(error).__name__
-    return f"it is damaged or cut short ({first})"
+    """torch opens every refusal of its restricted unpickler with a paragraph that advises loading unsafely;
+    the paragraph after it tells objects (a GLOBAL it will not import) from damage."""
+    paragraphs = [part.strip() for part in str(error).split("\n\n") if part.strip()]
+    if paragraphs and paragraphs[0].startswith("Weights only load failed"):
+        if any("global" in part.lower() for part in paragraphs[1:2]):
+            return "it holds Python objects besides tensors, which cardinal never unpickles (they could run code)"
+        paragraphs = paragraphs[1:]
+    detail = paragraphs[0].splitlines()[0] if paragraphs else type(error).__name__
+    return f"it is damaged, or was not written by torch.save ({detail})"

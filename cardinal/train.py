@@ -547,8 +547,8 @@ def restore(session: Session, resuming: bool) -> Progress:
     if not resuming:
         return Progress()
     if read_trainer_state(session.run_dir) is None:
-        config = session.config
-        check_restart_loses_nothing(session.run_dir / CSV_NAME, min(config.save_every, config.recipe.epochs))
+        saved = read_saved_config(session.run_dir)  # what the run saved by, whatever --save-every says now
+        check_restart_loses_nothing(session.run_dir / CSV_NAME, min(saved.save_every, saved.recipe.epochs))
         session.report.line(f"{session.run_dir} holds no complete checkpoint: starting the run from epoch 1")
         return Progress()
     check_resume_point(session)

@@ -189,11 +189,9 @@ def check_restart_loses_nothing(path: Path, first_save: int) -> None:
 
     if not os.path.lexists(path):
         return
-    frame = read_csv(path)
-    recorded = int(frame["epoch"].max()) if not frame.empty else 0
-    if recorded > first_save:
-        raise CardinalError(f"cannot resume: {path.parent} records {recorded} epochs but holds no checkpoint (its "
-                            f"first is saved after epoch {first_save}); restore checkpoint/ from a copy, or "
+    if (read_csv(path)["epoch"] > first_save).any():
+        raise CardinalError(f"cannot resume: {path.parent} holds no checkpoint, but records epochs past "
+                            f"{first_save}, after which its first was saved; restore checkpoint/ from a copy, or "
                             "train anew under another --run-name")
 
 

@@ -9,7 +9,8 @@ does (``runpy`` as ``__main__``, the exit handlers at the end) and exits with it
 ``{"code": N}``, negative for a signal (``-SIGALRM`` when ``timeout`` ran out). Nothing here runs a torch
 operation before forking: a child must start with no thread pool, no Accelerate state and no seeded RNG of
 another command. Settings read when the interpreter starts (``PYTHONWARNINGS``, thread counts of the math
-libraries) are this process's: commands that change them need a real interpreter (``conftest.cli``).
+libraries) are this process's: commands that change them need a real interpreter (``conftest.cli``). Every
+child also shares this process's string hash seed.
 """
 
 import atexit
@@ -18,6 +19,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 
 # imported once, here, for every child: torch imports torch._dynamo on a run's first FLOP count or optimizer
@@ -41,8 +43,10 @@ def child(request: dict) -> int:
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    signal.alarm(int(request["timeout"]))
+    signal.alarm(max(1, round(request["timeout"])))
     sys.argv = [request["module"], *request["argv"]]
+    if not hasattr(sys.modules.get(request["module"]), "__path__"):  # a module, not a package (its __main__ runs)
+        sys.modules.pop(request["module"], None)  # runs as __main__ only, and is imported anew if imported
     try:
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
         code = 0
@@ -53,7 +57,8 @@ def child(request: dict) -> int:
     except BaseException:
         traceback.print_exc()
         code = 1
-    atexit._run_exitfuncs()
+    threading._shutdown()  # what an interpreter does at exit: wait for threads that are not daemons, then
+    atexit._run_exitfuncs()  # run the exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
     return code

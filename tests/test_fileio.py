@@ -1,5 +1,5 @@
-"""Atomic writes keep what the user pointed at: a symlink stays a link to the new file, and a FIFO or device
-(``--output /dev/stdout``) receives the bytes instead of being replaced by a regular file."""
+"""Atomic writes keep what the user pointed at: a symlink stays a link to the new file, and a stream (a FIFO,
+a device, ``--output /dev/stdout``) receives the bytes instead of being replaced by a regular file."""
 
 import os
 import stat
@@ -31,3 +31,16 @@ def test_a_fifo_receives_the_bytes_and_stays_a_fifo(tmp_path):
     reader.join(timeout=20)
     assert received == ["a,b\n1,2\n"]
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_stream_redirected_to_a_file_is_appended_to_not_replaced(tmp_path):
+    """``--output /dev/stdout`` under ``>> log.txt``: the log keeps what was in it and gains the output."""
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    inode = os.stat(log).st_ino
+    descriptor = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        write_text_atomic(f"/dev/fd/{descriptor}", "summary\n")
+    finally:
+        os.close(descriptor)
+    assert log.read_text() == "earlier\nsummary\n" and os.stat(log).st_ino == inode

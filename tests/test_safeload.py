@@ -19,7 +19,7 @@ from conftest import CodeTrap, cli
 @pytest.mark.parametrize("content, reason", [
     (b"", "the file is empty"),
     (b'{"epoch": 1, "global_step": 10}', "not a file written by torch.save"),
-    (b"PK\x03\x04" + b"\x00" * 40, "damaged or cut short"),
+    (b"PK\x03\x04" + b"\x00" * 40, "damaged, or was not written by torch.save"),
 ])
 def test_a_file_torch_did_not_write_says_what_it_is(tmp_path, content, reason):
     path = tmp_path / "weights.pt"
@@ -32,7 +32,7 @@ def test_a_cut_short_torch_file_is_named_as_such(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"w": torch.zeros(100)}, path)
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(UnreadableTensors, match="damaged or cut short"):
+    with pytest.raises(UnreadableTensors, match="damaged, or was not written by torch.save"):
         load_tensors(path)
 
 
@@ -46,17 +46,29 @@ def test_a_torchscript_model_is_named(tmp_path):
     assert caught == []
 
 
-@pytest.mark.parametrize("protocol", [2, 4, pickle.HIGHEST_PROTOCOL])
-def test_a_pickle_of_other_objects_is_refused_quietly_and_never_runs(tmp_path, protocol):
+@pytest.mark.parametrize("protocol, reason", [
+    (2, "Python objects besides tensors"),  # read as far as the object, then refused
+    (4, "was not written by torch.save"),  # framed pickles, which torch.save never writes, stop earlier
+    (pickle.HIGHEST_PROTOCOL, "was not written by torch.save"),
+])
+def test_a_pickle_of_other_objects_is_refused_quietly_and_never_runs(tmp_path, protocol, reason):
     marker = tmp_path / "code-ran"
     path = tmp_path / "weights.pt"
     path.write_bytes(pickle.dumps({"w": CodeTrap(marker)}, protocol=protocol))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(UnreadableTensors, match="Python objects besides tensors") as error:
+        with pytest.raises(UnreadableTensors, match=reason) as error:
             load_tensors(path)
     assert caught == [] and not marker.exists()
     assert "weights_only" not in str(error.value)
+
+
+def test_a_torch_export_program_is_named(tmp_path):
+    path = tmp_path / "model.pt2"
+    model = torch.nn.Linear(2, 2)
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 2),)), str(path))
+    with pytest.raises(UnreadableTensors, match="torch.export program, not a state_dict"):
+        load_tensors(path)
 
 
 def test_tensors_in_plain_containers_load(tmp_path):
@@ -82,4 +94,4 @@ def test_the_command_line_says_it_in_one_line_with_python_warnings_shown(tmp_pat
     done = cli("cardinal.export", ["--arch", "tiny_resnet", "--weights", path, "--output-dir", tmp_path / "out"],
                env={"PYTHONWARNINGS": "default"})
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert "Python objects besides tensors" in done.stderr and not (tmp_path / "code-ran").exists()
+    assert "was not written by torch.save" in done.stderr and not (tmp_path / "code-ran").exists()
