@@ -40,6 +40,7 @@ from cardinal.cli import (
     ArgumentParser,
     CardinalError,
     make_console,
+    non_negative_int,
     positive_float,
     positive_int,
     run,
@@ -48,7 +49,7 @@ from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
 from cardinal.models import build_model, list_archs
 from cardinal.prose import wrap
-from cardinal.records import write_csv
+from cardinal.records import check_output_file, write_csv
 from cardinal.reference import torchvision_model
 from cardinal.speedups import (
     AUTO,
@@ -305,7 +306,7 @@ def build_parser() -> ArgumentParser:
                         metavar="FORMAT", help="memory formats")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="what to time")
     parser.add_argument("--steps", type=positive_int, default=5, help="measured steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps first")
+    parser.add_argument("--warmup", type=non_negative_int, default=2, help="unmeasured steps first")
     parser.add_argument("--repeats", type=positive_int, default=2,
                         help="measurements per implementation, in alternating order; the best counts and "
                              "their spread is reported")
@@ -328,13 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.empty(1, device=device)
     except (RuntimeError, ValueError) as error:
         raise CardinalError(f"device {args.device!r} is not usable: {str(error).splitlines()[0]}") from None
-    if args.output.is_dir():
-        raise CardinalError(f"--output {args.output} is a folder; give a CSV file name")
-    try:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.touch()
-    except OSError as error:
-        raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
+    check_output_file(args.output, "--output")
     compiled = resolve_compile(compile_request(args.compile, args.compile_mode), device.type)
     console = make_console()
     console.print(f"benchmarking on {device} ({torch.get_num_threads()} threads), "

@@ -21,7 +21,7 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
     A symlink is followed: its target is replaced and the link kept. A stream cannot be replaced: a FIFO,
     device or socket, or the process's own streams (``/dev/stdout``, ``/dev/fd/N``, ``/proc/...``) get what
     the block wrote appended to them (``/dev/full`` is an OSError, and the device stays a device)."""
-    if _is_stream(Path(path)):
+    if is_stream(Path(path)):
         with tempfile.TemporaryDirectory(prefix="cardinal-") as folder:
             temp = Path(folder) / Path(path).name
             yield temp
@@ -44,7 +44,7 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
 STREAM_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")  # links to whatever the stream is
 
 
-def _is_stream(path: Path) -> bool:
+def is_stream(path: Path) -> bool:
     """Written into, never replaced: a FIFO, device or socket, or a name of one of this process's streams
     (which may stand for a regular file the shell redirected to)."""
     if str(path).startswith(STREAM_PATHS):

@@ -55,7 +55,7 @@ from cardinal.models import build_model, list_archs
 from cardinal.optim import build_optimizer
 from cardinal.plotting import pyplot, save_figure
 from cardinal.prose import wrap
-from cardinal.records import write_csv
+from cardinal.records import check_output_file, write_csv
 
 CONV_GROUPED, CONV_DENSE, CONV_1X1 = "conv_grouped", "conv_dense", "conv_1x1"
 NORM, ELEMENTWISE, POOL, LINEAR = "norm", "elementwise", "pool", "linear"
@@ -721,19 +721,6 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _check_file(path: Path, flag: str) -> None:
-    """Fail before measuring, not after, when a result could not be written."""
-    if path.is_dir():
-        raise CardinalError(f"{flag} {path} is a folder; give a file name")
-    probe = path.with_name(f".tmp.{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
-
-
 def _check_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise CardinalError(f"{flag} {path} is a file; give a folder")
@@ -765,10 +752,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = _device(args.device)
     args.batch_size = args.batch_size or default_batch(device)
-    _check_file(args.output, "--output")
+    check_output_file(args.output, "--output")
     if args.plot is not None:
         pyplot()  # a missing matplotlib is reported before minutes of measuring
-        _check_file(args.plot, "--plot")
+        check_output_file(args.plot, "--plot")
     if args.trace is not None:
         _check_folder(args.trace, "--trace")
     from cardinal.train import device_name

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardinal.cli import CardinalError, make_console
-from cardinal.fileio import atomic_target, read_regular_file
+from cardinal.fileio import atomic_target, is_stream, read_regular_file
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
@@ -88,6 +88,24 @@ def epoch_row(epoch: int, train, test, epoch_time_s: float, train_flops_per_imag
     if val_ema is not None:
         row["val_acc_ema"] = val_ema.accuracy
     return row
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Fail before measuring, not after, when a result could not be written, and never write a result over a
+    run's own records or config (an existing epochs.csv or config.json)."""
+    if path.is_dir():
+        raise CardinalError(f"{flag} {path} is a folder; give a file name")
+    if path.name in (CSV_NAME, CONFIG_NAME) and path.is_file():
+        raise CardinalError(f"{flag} {path} would replace a run's {path.name}; give another file name")
+    if is_stream(path):
+        return  # written into, not beside (fileio.atomic_target)
+    probe = path.with_name(f".tmp.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:

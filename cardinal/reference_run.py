@@ -233,8 +233,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from cardinal.reference import torchvision_model
     from cardinal.threads import use_cpu_threads
     from cardinal.train import device_name
+    from cardinal.validate import validate_config
 
     run_name = args.run_name or f"{args.arch}-{RECIPE_NAME}-{args.dataset}-seed{args.seed}"
+    validate_config(replace(run_config(args, run_name), recipe_name="seed"))  # train's bounds for the protocol
     run_dir = Path(args.output_dir) / run_name
     if (run_dir / CSV_NAME).exists():
         raise CardinalError(f"{run_dir} already holds a run; remove it or give another --run-name")

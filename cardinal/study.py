@@ -248,6 +248,19 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return state is not None and state.get("epoch", 0) >= epochs and not missing_exports(run_dir, config)
 
 
+# what the study decides for each run: given to cardinal.train as well, they would send runs elsewhere
+STUDY_DECIDES = ("--arch", "--recipe", "--epochs", "--seed", "--dataset", "--data-dir", "--output-dir", "--run-name",
+                 "--resume")
+
+
+def check_passthrough(extra: Sequence[str]) -> None:
+    """Flags for cardinal.train may not set what the study itself decides per run."""
+    taken = [flag for flag in extra if flag.split("=", 1)[0] in STUDY_DECIDES]
+    if taken:
+        raise CardinalError(f"{', '.join(taken)}: the study sets this for each run; pass the study's own "
+                            "flag (--archs, --recipes, --epochs, --seeds, --dataset, --data-dir, --output-dir)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -258,6 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     extra = unknown + passthrough
+    check_passthrough(extra)
     runs = plan(args, extra)
     for planned in runs:
         run_dir = args.output_dir / planned.name

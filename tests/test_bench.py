@@ -66,6 +66,23 @@ def test_bench_bad_output_path_exits_2(tmp_path, capsys):
     assert code.value.code == 2 and "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--warmup", "-1"], "--warmup: must be >= 0"),
+    (["--output", "RUN/epochs.csv"], "would replace a run's epochs.csv"),
+    (["--output", "RUN/config.json"], "would replace a run's config.json"),
+])
+def test_bad_values_exit_2_with_one_line_and_leave_runs_alone(tmp_path, capsys, args, message):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("epochs.csv", "config.json"):
+        (run_dir / name).write_text("kept")
+    with pytest.raises(SystemExit) as code:
+        run(bench.main, ["--archs", "tiny_resnet", *[a.replace("RUN", str(run_dir)) for a in args]])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert all((run_dir / name).read_text() == "kept" for name in ("epochs.csv", "config.json"))
+
+
 def test_bench_output_that_is_a_folder_exits_2_before_measuring(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         run(bench.main, ["--archs", "tiny_resnet", "--output", str(tmp_path)])

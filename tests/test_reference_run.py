@@ -110,3 +110,15 @@ def test_an_existing_run_is_never_overwritten(tmp_path, capsys):
         run(reference_run.main, [*TINY_DATA, "--output-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "already holds a run" in capsys.readouterr().err
     assert (folder / "epochs.csv").read_text() == "epoch,test_acc\n1,50.0\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--synthetic-classes", "1"], "--synthetic-classes must be between 2 and 1000"),
+    (["--synthetic-train", "200000"], "--synthetic-train must be between 1 and 100000"),
+])
+def test_flags_are_held_to_the_bounds_train_holds_them_to(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(reference_run.main, [*TINY_DATA, "--output-dir", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

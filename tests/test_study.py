@@ -154,7 +154,12 @@ def test_an_unknown_recipe_is_one_line_before_any_run(tmp_path, capsys):
     assert code == 2 and runs == [] and err.strip() == "error: unknown recipe 'quick'; choose from: seed, fast"
 
 
-@pytest.mark.parametrize("flags, fragment", [(["--seeds", "-1"], "--seeds"), (["--dataset", "imagenet"], "--dataset")])
+@pytest.mark.parametrize("flags, fragment", [
+    (["--seeds", "-1"], "--seeds"),
+    (["--dataset", "imagenet"], "--dataset"),
+    (["--", "--output-dir", "elsewhere"], "--output-dir: the study sets this for each run"),
+    (["--", "--epochs=3", "--resume", "x"], "--epochs=3, --resume: the study sets this"),
+])
 def test_flags_train_would_refuse_are_refused_before_the_plan(tmp_path, capsys, flags, fragment):
     code, runs, err = _plan(tmp_path, capsys, *flags)
     assert code == 2 and runs == [] and fragment in err and len(err.strip().splitlines()) == 1

@@ -126,6 +126,14 @@ def test_a_hand_edited_config_with_a_mapping_for_a_knob_is_its_own_setting(two_a
     assert code == 0 and err == "" and 'lr={"peak": 0.1}' in out
 
 
+@pytest.mark.parametrize("flag", ["--output", "--plot"])
+def test_an_output_over_a_runs_own_records_is_refused(two_archs, capsys, flag):
+    records = (two_archs / "a0" / CSV_NAME).read_bytes()
+    code, out, err = _summary([two_archs, flag, two_archs / "a0" / CSV_NAME], capsys)
+    assert code == 2 and out == "" and "would replace a run's epochs.csv" in err and len(err.splitlines()) == 1
+    assert (two_archs / "a0" / CSV_NAME).read_bytes() == records
+
+
 def test_several_unusable_files_are_named_in_one_line(tmp_path, capsys):
     for name, case in (("x", "epoch 0"), ("y", "NaN seed")):
         write_run(tmp_path / name, "tiny_resnet", 0, [30.0, 40.0])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
 from cardinal.fileio import write_text_atomic
+from cardinal.records import check_output_file
 from cardinal.summary import Summary, summarize
 from cardinal.summary.plot import plot, require_matplotlib
 from cardinal.summary.render import render_csv, render_markdown, render_table
@@ -49,6 +50,9 @@ def render(summary: Summary, form: str, everything: bool = False) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for path, flag in ((args.output, "--output"), (args.plot, "--plot")):
+        if path is not None:
+            check_output_file(path, flag)
     if args.plot is not None:
         require_matplotlib()
     summary = summarize(args.runs, args.epochs, args.every_pair)
