@@ -50,14 +50,14 @@ def render(summary: Summary, form: str, everything: bool = False) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for path, flag in ((args.output, "--output"), (args.plot, "--plot")):
-        if path is not None:
-            check_output_file(path, flag)
     if args.plot is not None:
         require_matplotlib()
     summary = summarize(args.runs, args.epochs, args.every_pair)
     if summary.results.empty:
         raise CardinalError(f"none of the runs reached the epochs asked for ({' '.join(map(str, args.epochs))})")
+    for path, flag in ((args.output, "--output"), (args.plot, "--plot")):
+        if path is not None:  # before anything is printed or written
+            check_output_file(path, flag)
     for skipped in summary.skipped:
         print(skipped, file=sys.stderr)
     text = render(summary, args.format, args.everything)
