@@ -134,9 +134,8 @@ def _load(path: Path, device) -> Any:
         raise CardinalError(f"cannot resume: {path} is missing (incomplete checkpoint)")
     try:
         return load_tensors(path, device)
-    except (UnreadableTensors, OSError) as error:  # a damaged or booby-trapped file: refused, never half-used
-        reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
-        raise CardinalError(f"cannot resume: {path} cannot be read safely: {reason}") from None
+    except UnreadableTensors as error:  # a damaged or booby-trapped file: refused, never half-used
+        raise CardinalError(f"cannot resume: {path} cannot be read safely: {error}") from None
 
 
 def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) -> Dict[str, Any]:

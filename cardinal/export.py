@@ -151,9 +151,8 @@ def load_state_dict_file(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
         raise CardinalError(f"weights file {path} does not exist")
     try:
         state = load_tensors(path)
-    except (UnreadableTensors, OSError) as error:
-        reason = (error.strerror or str(error)) if isinstance(error, OSError) else str(error)
-        raise CardinalError(f"cannot read weights file {path}: {reason}") from None
+    except UnreadableTensors as error:
+        raise CardinalError(f"cannot read weights file {path}: {error}") from None
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(

@@ -24,11 +24,14 @@ class UnreadableTensors(ValueError):
 
 
 def load_tensors(path: os.PathLike | str, map_location: Any = "cpu") -> Any:
-    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True``; UnreadableTensors says why not.
-    OSError (a missing or unreadable file) passes through for the caller to word."""
+    """What ``torch.save`` wrote to ``path``, read with ``weights_only=True``; UnreadableTensors says why not
+    (an unreadable file included)."""
     path = Path(path)
-    with open(path, "rb") as handle:
-        start = handle.read(len(ZIP_START))
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(len(ZIP_START))
+    except OSError as error:
+        raise UnreadableTensors(error.strerror or str(error)) from None
     problem = _format_problem(path, start)
     if problem:
         raise UnreadableTensors(problem)

@@ -63,12 +63,17 @@ def sample_dir():
     return SAMPLE
 
 
+def suite_environment():
+    """Every command's environment: this one, with Python's warnings off (torch's deprecations are noise)."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
 def cli(module, args, processes=1, timeout=600, env=None):
     """Run ``python -m module`` (or a 2-rank CPU accelerate launch) and return the CompletedProcess.
 
     One process whose start-up settings are the suite's runs as a fork of ``fork_server.py``: the same
     command, without the interpreter start and imports that took most of a tiny run's time."""
-    environment = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    environment = {**suite_environment(), **(env or {})}
     command = [sys.executable, "-m", module, *map(str, args)]
     if processes == 1 and ForkServer.serves(environment):
         return ForkServer.shared().run(command, environment, timeout)
@@ -90,7 +95,7 @@ class ForkServer:
     _shared = None
 
     def __init__(self):
-        self.environment = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        self.environment = suite_environment()
         self.folder = Path(tempfile.mkdtemp(prefix="cardinal-fork-server-"))
         with open(self.folder / "server.log", "w") as log:
             self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "fork_server.py")], cwd=REPO,
@@ -106,7 +111,7 @@ class ForkServer:
 
     @classmethod
     def serves(cls, environment):
-        started = cls._shared.environment if cls._shared else {**os.environ, "PYTHONWARNINGS": "ignore"}
+        started = cls._shared.environment if cls._shared else suite_environment()
         return all(environment.get(name) == started.get(name) for name in cls.START_UP)
 
     def run(self, command, environment, timeout):
