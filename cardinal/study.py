@@ -8,7 +8,8 @@
 Every run is a separate ``accelerate launch -m cardinal.train``, so each starts from the same state.
 A recipe whose epoch k is itself a k-epoch run (a constant LR, nothing sized by the length: ``seed``)
 trains once, for the longest length; the summary reads its epochs as the shorter runs.
-Arguments after ``--`` (and any this runner does not know) go to every training run. A run that already
+Arguments after ``--`` (and any this runner does not know) go to every training run; they are checked as
+cardinal.train checks them, for every run, before the first starts. A run that already
 finished is skipped and one that was interrupted is resumed, so the study can simply be started again.
 A run that fails ends the study with one line, last, that carries the run's own error; the launcher's
 traceback of the failed child is left out.
@@ -23,7 +24,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, List, Optional, Sequence, Tuple
+from typing import IO, Iterable, List, NoReturn, Optional, Sequence, Tuple
 
 from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, seed_int
@@ -84,13 +85,23 @@ def unique(values: Sequence) -> list:
     return list(dict.fromkeys(values))
 
 
-def planned_recipe(name: str, extra: Sequence[str]) -> Recipe:
-    """The recipe cardinal.train resolves for ``name`` with the study's pass-through flags."""
+def train_config(flags: Sequence[str]) -> TrainConfig:
+    """The config cardinal.train makes of these flags, parsed as train parses them, so a typo or a bad
+    value after ``--`` is refused before the first run starts rather than after hours of finished ones."""
     from cardinal.train import build_parser as train_parser
     from cardinal.train import config_from_args
 
-    known, _ = train_parser().parse_known_args(["--recipe", name, *extra])
-    return config_from_args(known).recipe
+    def refuse(message: str) -> NoReturn:
+        raise CardinalError(f"flags for cardinal.train: {message} (see python -m cardinal.train --help)")
+
+    parser = train_parser()
+    parser.error = refuse  # type: ignore[method-assign]
+    return config_from_args(parser.parse_args(flags))
+
+
+def planned_recipe(name: str, extra: Sequence[str]) -> Recipe:
+    """The recipe cardinal.train resolves for ``name`` with the study's pass-through flags."""
+    return train_config(["--recipe", name, *extra]).recipe
 
 
 def run_lengths(recipe: str, lengths: Sequence[int], extra: Sequence[str]) -> List[int]:
@@ -182,15 +193,20 @@ def train_command(args, planned: PlannedRun, extra: Sequence[str]) -> List[str]:
     """
     run_dir = args.output_dir / planned.name
     command = launcher_command(args.launcher) + ["-m", "cardinal.train"]
-    data = ["--dataset", args.dataset, "--data-dir", args.data_dir]
     saved = planned_run(run_dir)
     if saved is not None:
         check_length(run_dir, saved, planned.epochs)
         longer = ["--epochs", str(planned.epochs)] if saved.epochs != planned.epochs else []
+        data = ["--dataset", args.dataset, "--data-dir", args.data_dir]
         return command + ["--resume", str(run_dir), *longer, *data, *extra]
-    return command + ["--arch", planned.arch, "--recipe", planned.recipe, "--seed", str(planned.seed),
-                      "--epochs", str(planned.epochs), *data, "--output-dir", str(args.output_dir),
-                      "--run-name", planned.name, *extra]
+    return command + [*decided_flags(args, planned), *extra]
+
+
+def decided_flags(args, planned: PlannedRun) -> List[str]:
+    """What the study sets for a run it starts: the pass-through flags may not set these again."""
+    return ["--arch", planned.arch, "--recipe", planned.recipe, "--seed", str(planned.seed),
+            "--epochs", str(planned.epochs), "--dataset", args.dataset, "--data-dir", args.data_dir,
+            "--output-dir", str(args.output_dir), "--run-name", planned.name]
 
 
 def _is_launcher_traceback(block: Sequence[str]) -> bool:
@@ -248,14 +264,19 @@ def finished(run_dir: Path, epochs: int) -> bool:
     return state is not None and state.get("epoch", 0) >= epochs and not missing_exports(run_dir, config)
 
 
-# what the study decides for each run: given to cardinal.train as well, they would send runs elsewhere
-STUDY_DECIDES = ("--arch", "--recipe", "--epochs", "--seed", "--dataset", "--data-dir", "--output-dir", "--run-name",
-                 "--resume")
+def check_train_flags(args, runs: Sequence[PlannedRun], extra: Sequence[str]) -> None:
+    """Before any run: every run's flags must make a config cardinal.train accepts, and the pass-through
+    flags may not set what the study sets per run (given twice, they would send runs elsewhere)."""
+    from cardinal.train import explicit_flags
+    from cardinal.validate import validate_config
 
-
-def check_passthrough(extra: Sequence[str]) -> None:
-    """Flags for cardinal.train may not set what the study itself decides per run."""
-    taken = [flag for flag in extra if flag.split("=", 1)[0] in STUDY_DECIDES]
+    for planned in runs:
+        validate_config(train_config([*decided_flags(args, planned), *extra]))
+    decided = decided_flags(args, runs[0])
+    pairs = [*zip(decided[::2], decided[1::2]), ("--resume", str(args.output_dir / runs[0].name))]
+    flag_of = {field: flag for flag, value in pairs for field in explicit_flags([flag, value])}
+    given = explicit_flags(extra)
+    taken = [flag for field, flag in flag_of.items() if field in given]
     if taken:
         raise CardinalError(f"{', '.join(taken)}: the study sets this for each run; pass the study's own "
                             "flag (--archs, --recipes, --epochs, --seeds, --dataset, --data-dir, --output-dir)")
@@ -271,8 +292,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     extra = unknown + passthrough
-    check_passthrough(extra)
     runs = plan(args, extra)
+    check_train_flags(args, runs, extra)
     for planned in runs:
         run_dir = args.output_dir / planned.name
         if finished(run_dir, planned.epochs):

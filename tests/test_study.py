@@ -158,7 +158,11 @@ def test_an_unknown_recipe_is_one_line_before_any_run(tmp_path, capsys):
     (["--seeds", "-1"], "--seeds"),
     (["--dataset", "imagenet"], "--dataset"),
     (["--", "--output-dir", "elsewhere"], "--output-dir: the study sets this for each run"),
-    (["--", "--epochs=3", "--resume", "x"], "--epochs=3, --resume: the study sets this"),
+    (["--", "--epochs=3", "--resume", "x"], "--epochs, --resume: the study sets this"),
+    (["--", "--output", "elsewhere"], "--output-dir: the study sets this"),  # argparse reads an abbreviation
+    (["--", "--bogus"], "flags for cardinal.train: unrecognized arguments: --bogus"),
+    (["--", "--lr", "fast"], "flags for cardinal.train: argument --lr"),
+    (["--batch-size", "0"], "flags for cardinal.train: argument --batch-size"),
 ])
 def test_flags_train_would_refuse_are_refused_before_the_plan(tmp_path, capsys, flags, fragment):
     code, runs, err = _plan(tmp_path, capsys, *flags)
