@@ -47,6 +47,7 @@ from cardinal.cli import (
 )
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
+from cardinal.fileio import cannot_write
 from cardinal.models import build_model, list_archs
 from cardinal.prose import wrap
 from cardinal.records import check_output_file, write_csv
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         write_csv(frame, args.output)
     except OSError as error:
-        raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
+        raise cannot_write(args.output, error) from None
     console.print(render(frame, f"Throughput on {device}"))
     for note in noise_notes(frame, args.noise_limit):
         console.print(wrap(note, console, rest="  "), highlight=False, soft_wrap=True)  # at the reader's width

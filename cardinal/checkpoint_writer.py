@@ -113,7 +113,7 @@ class CheckpointWriter:
             if main:
                 staging.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            torch.save(rng_state(), staging / rng_file(accelerator.process_index))
+            save_file(rng_state(), staging / rng_file(accelerator.process_index))
         except (OSError, RuntimeError) as error:
             raise self._failed(error) from None
         accelerator.wait_for_everyone()
@@ -157,7 +157,7 @@ class CheckpointWriter:
         staging = staging_dir(self.run_dir)
         try:
             for name, state in files.items():
-                torch.save(state, staging / name)
+                save_file(state, staging / name)
             crash_point("checkpoint-files-written")
             write_text_atomic(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2))
             recover(self.run_dir)
@@ -172,7 +172,15 @@ class CheckpointWriter:
         kept = checkpoint_dir(self.run_dir)
         return CardinalError(f"cannot save a checkpoint in {self.run_dir}: {reason}; "
                              + (f"the checkpoint of epoch {saved_epoch(kept)} is kept" if kept
-                                else "no earlier checkpoint exists"))
+                                else "no earlier checkpoint exists")
+                             + f"; free space or mend the folder, then --resume {self.run_dir}")
+
+
+def save_file(state: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk is then an OSError that says so, where torch's own
+    writer raises a RuntimeError about stream positions."""
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
 
 
 def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any],

@@ -16,6 +16,7 @@ into a staging folder, md5-checked, and moved into place by one rename.
 from __future__ import annotations
 
 import codecs
+import errno
 import hashlib
 import http.client
 import os
@@ -126,10 +127,19 @@ def download(data_dir: Path, spec: CifarSpec) -> None:
     except DOWNLOAD_ERRORS as error:  # offline, proxy, checksum or disk errors all end the same way for the user
         if created and data_dir.is_dir() and not any(data_dir.iterdir()):
             data_dir.rmdir()
+        if _cannot_write_here(error):
+            raise CardinalError(f"cannot download {spec.url} into {data_dir}: {error.strerror}; free space there or "
+                                "pass a --data-dir you can write to (or one holding the extracted data)") from None
         raise CardinalError(
             f"could not download {spec.url} ({_first_line(error)}); check the network, or download and extract "
             f"it by hand into {data_dir} and pass --data-dir {data_dir}"
         ) from None
+
+
+def _cannot_write_here(error: BaseException) -> bool:
+    """A full disk or a folder that cannot be written, as opposed to the network (URLError) or the archive."""
+    local = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+    return isinstance(error, OSError) and not isinstance(error, urllib.error.URLError) and error.errno in local
 
 
 def fetch(url: str, destination: Path, timeout_s: float = 60.0) -> None:

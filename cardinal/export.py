@@ -15,7 +15,6 @@ file stays a plain state_dict, and its mean/std go into a JSON file beside it (`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, single_name
-from cardinal.fileio import write_bytes_atomic, write_text_atomic
+from cardinal.fileio import folders_made_for, probe_writable, write_files_atomic
 from cardinal.models import STEMS, build_model, list_archs
 from cardinal.safeload import UnreadableTensors, load_tensors
 from cardinal.syncbn import revert_sync_batchnorm
@@ -85,13 +84,14 @@ def normalization_path(weights: os.PathLike | str) -> Path:
 
 def write_normalization(weights: os.PathLike | str, normalization: Normalization) -> Path:
     path = normalization_path(weights)
+    write_files_atomic({path: _normalization_json(weights, normalization)})
+    return path
+
+
+def _normalization_json(weights: os.PathLike | str, normalization: Normalization) -> bytes:
     text = json.dumps({"weights": Path(weights).name, "input": INPUT_CONTRACT,
                        "mean": list(normalization.mean), "std": list(normalization.std)}, indent=2)
-    try:
-        write_text_atomic(path, text + "\n")
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
-    return path
+    return (text + "\n").encode()
 
 
 def read_normalization(weights: os.PathLike | str) -> Optional[Normalization]:
@@ -193,20 +193,15 @@ def script_model(model: nn.Module, normalization: Optional[Normalization] = None
         return torch.jit.script(_deployable(model, normalization))
 
 
-def _write(path: os.PathLike | str, save: Callable[[io.BytesIO], None]) -> Path:
-    """Serialise in memory, then write with Python: a full disk is an OSError here, where torch's own
-    file writers can abort the whole process."""
+def _serialized(save: Callable[[io.BytesIO], None]) -> bytes:
+    """In memory, then written with Python: a full disk is then an OSError, where torch's own file writers
+    can abort the whole process."""
     buffer = io.BytesIO()
     save(buffer)
-    try:
-        write_bytes_atomic(path, buffer.getvalue())
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
-    return Path(path)
+    return buffer.getvalue()
 
 
-def export_torchscript(model: nn.Module, path: os.PathLike | str,
-                       normalization: Optional[Normalization] = None) -> Path:
+def _torchscript_bytes(model: nn.Module, normalization: Optional[Normalization]) -> bytes:
     scripted = script_model(model, normalization)
 
     def save(buffer: io.BytesIO) -> None:
@@ -214,7 +209,39 @@ def export_torchscript(model: nn.Module, path: os.PathLike | str,
             warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated")
             torch.jit.save(scripted, buffer)
 
-    return _write(path, save)
+    return _serialized(save)
+
+
+def _program_bytes(model: nn.Module, input_size: Sequence[int], normalization: Optional[Normalization]) -> bytes:
+    """A ``torch.export`` program whose batch dimension is dynamic."""
+    module = _deployable(model, normalization)
+    example = (torch.randn(2, *input_size),)
+    program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return _serialized(lambda buffer: torch.export.save(program, buffer))
+
+
+def _state_dict_files(model: nn.Module, path: Path, normalization: Optional[Normalization]) -> Dict[Path, bytes]:
+    """The state_dict file and, with a normalization, its mean/std beside it."""
+    state = clean_state_dict(_plain_eval_copy(model).state_dict())
+    files = {path: _serialized(lambda buffer: torch.save(state, buffer))}
+    if normalization is not None:
+        files[normalization_path(path)] = _normalization_json(path, normalization)
+    return files
+
+
+def _write_set(files: Dict[Path, bytes], state_dicts: Sequence[Path] = ()) -> None:
+    """Every file replaced together (fileio.write_files_atomic); then a state_dict written without a
+    normalization loses any mean/std file of another model beside it."""
+    write_files_atomic(files)
+    for path in state_dicts:
+        if normalization_path(path) not in files:
+            normalization_path(path).unlink(missing_ok=True)
+
+
+def export_torchscript(model: nn.Module, path: os.PathLike | str,
+                       normalization: Optional[Normalization] = None) -> Path:
+    _write_set({Path(path): _torchscript_bytes(model, normalization)})
+    return Path(path)
 
 
 def export_program(
@@ -222,28 +249,16 @@ def export_program(
     normalization: Optional[Normalization] = None,
 ) -> Path:
     """Save a ``torch.export`` program whose batch dimension is dynamic."""
-    module = _deployable(model, normalization)
-    example = (torch.randn(2, *input_size),)
-    program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
-    return _write(path, lambda buffer: torch.export.save(program, buffer))
+    _write_set({Path(path): _program_bytes(model, input_size, normalization)})
+    return Path(path)
 
 
 def save_state_dict(model: nn.Module, path: os.PathLike | str,
                     normalization: Optional[Normalization] = None) -> Path:
-    """A plain state_dict file; its mean/std (when given) in ``<stem>.json`` beside it, written first."""
-    state = clean_state_dict(_plain_eval_copy(model).state_dict())
-    replacing = Path(path).exists()
-    if normalization is not None:
-        write_normalization(path, normalization)
-    else:
-        with contextlib.suppress(FileNotFoundError):  # never leave another model's mean/std beside it
-            normalization_path(path).unlink()
-    try:
-        return _write(path, lambda buffer: torch.save(state, buffer))
-    except BaseException:
-        if not replacing:  # a failed first write (full disk) leaves no mean/std without their weights
-            normalization_path(path).unlink(missing_ok=True)
-        raise
+    """A plain state_dict file; its mean/std (when given) in ``<stem>.json`` beside it, the two replaced
+    together."""
+    _write_set(_state_dict_files(model, Path(path), normalization), state_dicts=[Path(path)])
+    return Path(path)
 
 
 def export_model(
@@ -264,20 +279,22 @@ def export_model(
     if unknown:
         raise CardinalError(f"unknown export format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     output_dir = Path(output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CardinalError(f"cannot create output directory {output_dir}: {error.strerror}") from None
-    if not os.access(output_dir, os.W_OK):
-        raise CardinalError(f"output directory {output_dir} is not writable")
-    files: Dict[str, Path] = {}
-    if "state_dict" in formats:
-        files["state_dict"] = save_state_dict(model, output_dir / f"{name}_state.pt", normalization)
-    if "torchscript" in formats:
-        files["torchscript"] = export_torchscript(model, output_dir / f"{name}.ts", normalization)
-    if "program" in formats:
-        files["program"] = export_program(model, output_dir / f"{name}.pt2", input_size, normalization)
-    return ExportedFiles(**files)
+    paths = {"state_dict": output_dir / f"{name}_state.pt", "torchscript": output_dir / f"{name}.ts",
+             "program": output_dir / f"{name}.pt2"}
+    paths = {kind: path for kind, path in paths.items() if kind in formats}
+    if not paths:
+        return ExportedFiles()
+    with folders_made_for(output_dir):
+        probe_writable(next(iter(paths.values())))  # before the minutes torch.export can take
+        contents: Dict[Path, bytes] = {}
+        if "state_dict" in paths:
+            contents.update(_state_dict_files(model, paths["state_dict"], normalization))
+        if "torchscript" in paths:
+            contents[paths["torchscript"]] = _torchscript_bytes(model, normalization)
+        if "program" in paths:
+            contents[paths["program"]] = _program_bytes(model, input_size, normalization)
+        _write_set(contents, state_dicts=[paths["state_dict"]] if "state_dict" in paths else [])
+    return ExportedFiles(**paths)
 
 
 def build_parser() -> ArgumentParser:

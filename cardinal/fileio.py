@@ -7,10 +7,11 @@ import os
 import shutil
 import stat
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
+from cardinal.cli import CardinalError
 from cardinal.crash import crash_point
 
 
@@ -41,6 +42,21 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
             temp.unlink()
 
 
+@contextmanager
+def folders_made_for(folder: Path, remove_on_failure: bool = True) -> Iterator[list]:
+    """Yield the folders missing on the way to ``folder`` (deepest first), which the block may create; if the
+    block fails, those it left empty are removed again, so a failed start leaves no trace."""
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
+    try:
+        yield created
+    except BaseException:
+        if remove_on_failure:
+            for path in created:  # deepest first; rmdir removes only empty folders
+                with suppress(OSError):
+                    path.rmdir()
+        raise
+
+
 STREAM_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")  # links to whatever the stream is
 
 
@@ -62,10 +78,45 @@ def write_text_atomic(path: os.PathLike | str, text: str) -> None:
 
 def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
     """Write, flush to disk, then swap in: a full disk fails here and leaves the old file as it was."""
-    with atomic_target(path) as temp, open(temp, "wb") as handle:
+    with atomic_target(path) as temp:
+        _write_synced(temp, data)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_files_atomic(contents: Mapping[Path, bytes]) -> None:
+    """Replace a set of files together (an export: weights, their mean/std, the scripted model): each is
+    written beside its target first, so a full disk or a read-only folder leaves every old file as it was,
+    never half of the set new. A failure is a CardinalError naming the file."""
+    with ExitStack() as swaps:
+        for path, data in contents.items():
+            temp = swaps.enter_context(atomic_target(path))
+            try:
+                _write_synced(temp, data)
+            except OSError as error:
+                raise cannot_write(path, error) from None
+
+
+def cannot_write(path: os.PathLike | str, error: OSError) -> CardinalError:
+    """The one line for a failed write: which file, and the system's reason (full disk, read-only, ...)."""
+    return CardinalError(f"cannot write {path}: {error.strerror or error}")
+
+
+def probe_writable(path: Path) -> None:
+    """Create ``path``'s folder and a file beside ``path``, then remove the file: a CardinalError before
+    hours of work, rather than after, when the result could not be written."""
+    probe = path.with_name(f".tmp.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise cannot_write(path, error) from None
 
 
 def read_regular_file(path: os.PathLike | str, max_bytes: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cardinal.cli import CardinalError
+from cardinal.fileio import atomic_target, cannot_write
 
 
 def pyplot():
@@ -20,13 +21,14 @@ def pyplot():
 
 
 def save_figure(figure, path: Path) -> None:
-    """Write ``figure`` as a PNG and close it, whether or not the write succeeds."""
+    """Write ``figure`` as a PNG and close it, whether or not the write succeeds; a full disk leaves an
+    earlier plot of that name as it was."""
     import matplotlib.pyplot as plt
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, format="png", dpi=110)
+        with atomic_target(path) as temp:
+            figure.savefig(temp, format="png", dpi=110)
     except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
+        raise cannot_write(path, error) from None
     finally:
         plt.close(figure)

@@ -51,6 +51,7 @@ from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_i
 from cardinal.config import RECIPES
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
+from cardinal.fileio import atomic_target, cannot_write
 from cardinal.models import build_model, list_archs
 from cardinal.optim import build_optimizer
 from cardinal.plotting import pyplot, save_figure
@@ -422,7 +423,7 @@ class _Contender:
         if self.best is None or total < self.best[0]:  # noise on a shared machine only slows a step
             self.best = (total, classes, ops)
             if trace is not None:
-                profiler.export_chrome_trace(str(trace / f"{self.arch}.pt.trace.json"))
+                write_trace(profiler, trace / f"{self.arch}.pt.trace.json")
 
     def result(self, peak: Peak, device: torch.device) -> ArchProfile:
         _, by_class, by_op = self.best
@@ -627,7 +628,21 @@ def report(console: Console, profiles: Sequence[ArchProfile], peak: Peak, headin
 # What the profiler's native library writes to stderr on every start and stop, and on a machine without a
 # GPU: status lines, not failures. Anything else it writes is passed on.
 NATIVE_NOISE = re.compile(r"^(USDT:.*profiler_(start|stop)|ERROR:.*gpuGetDeviceCount failed|"
-                          r"(WARNING|INFO):.*(CUPTI|cupti|libkineto|ActivityProfiler))")
+                          r"(WARNING|INFO):.*(CUPTI|cupti|libkineto|ActivityProfiler)|"
+                          r"ERROR:.*Failed to write to log file)")  # write_trace says so in one line
+
+
+def write_trace(profiler, path: Path) -> None:
+    """The step's Chrome trace, swapped in whole. The native writer stages it in ``<name>.tmp`` and, when the
+    write fails (a full disk), only logs it and leaves that file: here that is one error, and an earlier
+    trace of the arch is kept."""
+    with atomic_target(path) as temp:
+        staged = temp.with_name(temp.name + ".tmp")
+        with native_noise_filtered():
+            profiler.export_chrome_trace(str(temp))
+        if staged.exists() or not temp.is_file():
+            staged.unlink(missing_ok=True)
+            raise CardinalError(f"cannot write {path}: the trace writer failed (is the disk full?)")
 
 
 @contextlib.contextmanager
@@ -729,7 +744,7 @@ def _check_folder(path: Path, flag: str) -> None:
         (path / ".write-probe").touch()
         (path / ".write-probe").unlink()
     except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
+        raise cannot_write(path, error) from None
 
 
 DEFAULT_BATCH = {"cuda": 512, "cpu": 128}
@@ -778,7 +793,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         write_csv(frame, args.output)
     except OSError as error:
-        raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
+        raise cannot_write(args.output, error) from None
     report(console, profiles, peak, heading)
     console.print(f"written {args.output}", highlight=False)
     if args.plot is not None:

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardinal.cli import CardinalError, make_console
-from cardinal.fileio import atomic_target, is_stream, read_regular_file
+from cardinal.fileio import atomic_target, cannot_write, is_stream, probe_writable, read_regular_file
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
@@ -97,15 +97,8 @@ def check_output_file(path: Path, flag: str) -> None:
         raise CardinalError(f"{flag} {path} is a folder; give a file name")
     if path.name in (CSV_NAME, CONFIG_NAME) and path.is_file():
         raise CardinalError(f"{flag} {path} would replace a run's {path.name}; give another file name")
-    if is_stream(path):
-        return  # written into, not beside (fileio.atomic_target)
-    probe = path.with_name(f".tmp.{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise CardinalError(f"cannot write {path}: {error.strerror or error}") from None
+    if not is_stream(path):  # a stream is written into, not beside (fileio.atomic_target)
+        probe_writable(path)
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -171,7 +164,11 @@ class RunRecords:
     def add(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
         row = {**metrics, **self.run_info}
         self.rows = [r for r in self.rows if r["epoch"] != row["epoch"]] + [row]
-        write_csv(self.frame(), self.path)
+        try:
+            write_csv(self.frame(), self.path)
+        except OSError as error:
+            raise CardinalError(f"{cannot_write(self.path, error)}; its earlier rows are kept; free space or mend "
+                                f"the folder, then --resume {self.path.parent}") from None
         return row
 
     def frame(self) -> pd.DataFrame:

@@ -174,12 +174,19 @@ def epoch_row(epoch: int, trained: EpochResult, tested: EpochResult, epoch_time_
 
 
 def write_rows(run_dir: Path, rows: List[Dict[str, Any]]) -> None:
+    """The whole CSV again after each epoch. This runner does not resume, so a failed write (a full disk)
+    ends the run; the rows before are kept, for the record."""
     import pandas as pd
 
+    from cardinal.fileio import cannot_write
     from cardinal.records import write_csv
 
     frame = pd.DataFrame(rows)
-    write_csv(frame[[c for c in COLUMNS if c in frame.columns]], run_dir / CSV_NAME)
+    try:
+        write_csv(frame[[c for c in COLUMNS if c in frame.columns]], run_dir / CSV_NAME)
+    except OSError as error:
+        raise CardinalError(f"{cannot_write(run_dir / CSV_NAME, error)}; its earlier rows are kept; this runner "
+                            "does not resume: free space, then run again with another --run-name") from None
 
 
 def build_parser() -> ArgumentParser:
@@ -229,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from cardinal.cost import model_cost
     from cardinal.export import load_weights
-    from cardinal.fileio import write_text_atomic
+    from cardinal.fileio import folders_made_for, write_text_atomic
     from cardinal.reference import torchvision_model
     from cardinal.threads import use_cpu_threads
     from cardinal.train import device_name
@@ -256,8 +263,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     test_loader = make_loader(PILImages(test_images, test_labels, PROTOCOL.mean, PROTOCOL.std), args.eval_batch_size,
                               shuffle=False, workers=args.workers)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / CONFIG_NAME, run_config(args, run_name).to_json())
+        with folders_made_for(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / CONFIG_NAME, run_config(args, run_name).to_json())
     except OSError as error:
         raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
     import accelerate

@@ -57,9 +57,8 @@ def run_lock(run_dir: Path, remove_on_error: bool = False) -> Iterator[None]:
             holder = _holder(handle)
             raise CardinalError(f"{run_dir} is in use by another cardinal process{holder}; wait for it to end "
                                 "or use another --run-name") from None
-        os.ftruncate(handle, 0)
-        os.write(handle, f"{os.getpid()}\n".encode())
         try:
+            _write_holder(handle, run_dir)
             yield
         except BaseException:
             if remove_on_error:
@@ -68,6 +67,15 @@ def run_lock(run_dir: Path, remove_on_error: bool = False) -> Iterator[None]:
             raise
     finally:
         os.close(handle)  # releases the lock
+
+
+def _write_holder(handle: int, run_dir: Path) -> None:
+    """The lock file names its holder, for the error another process gets (a full disk fails here)."""
+    try:
+        os.ftruncate(handle, 0)
+        os.write(handle, f"{os.getpid()}\n".encode())
+    except OSError as error:
+        raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
 
 
 def _holder(handle: int) -> str:

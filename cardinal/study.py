@@ -30,6 +30,7 @@ from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, seed_int
 from cardinal.config import RECIPES, Recipe, TrainConfig
 from cardinal.data import DATASET_CHOICES
+from cardinal.fileio import cannot_write, write_text_atomic
 from cardinal.models import list_archs
 from cardinal.records import CONFIG_NAME
 
@@ -282,6 +283,18 @@ def check_train_flags(args, runs: Sequence[PlannedRun], extra: Sequence[str]) ->
                             "flag (--archs, --recipes, --epochs, --seeds, --dataset, --data-dir, --output-dir)")
 
 
+def write_study_record(args, runs: Sequence[PlannedRun], extra: Sequence[str]) -> None:
+    """study.json: what the study was asked for, beside its runs."""
+    path = args.output_dir / "study.json"
+    record = {"archs": unique(args.archs), "seeds": unique(args.seeds), "epochs": unique(args.epochs),
+              "recipes": unique(args.recipes), "dataset": args.dataset, "launcher": args.launcher,
+              "train_args": list(extra), "runs": [planned.name for planned in runs]}
+    try:
+        write_text_atomic(path, json.dumps(record, indent=2))
+    except OSError as error:
+        raise cannot_write(path, error) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:
@@ -322,11 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary_args += ["--epochs", *map(str, args.report_epochs)]
     if args.plot:
         summary_args += ["--plot", str(args.output_dir / "summary.png")]
-    (args.output_dir / "study.json").write_text(json.dumps(
-        {"archs": unique(args.archs), "seeds": unique(args.seeds), "epochs": unique(args.epochs),
-         "recipes": unique(args.recipes),
-         "dataset": args.dataset, "launcher": args.launcher, "train_args": extra,
-         "runs": [planned.name for planned in runs]}, indent=2))
+    write_study_record(args, runs, extra)
     return summary.main(summary_args)
 
 

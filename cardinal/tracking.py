@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -68,9 +69,37 @@ def init_kwargs(trackers: Sequence[str], run_dir: Path) -> Dict[str, Dict[str, A
 def start_tracking(accelerator, trackers: Sequence[str], run_dir: Path, config: Dict[str, Any]) -> None:
     if not trackers:
         return
+    _quiet_writer_threads()
     try:
         extra = init_kwargs(trackers, run_dir) if accelerator.is_main_process else {}
         accelerator.init_trackers(run_dir.name, config=flat_hyperparameters(config), init_kwargs=extra)
-    except Exception as error:  # a tracker's own setup (login, server) failed
+    except Exception as error:  # a tracker's own setup (login, server, a full disk) failed
+        accelerator.trackers = []  # half-started ones would fail again when the run ends them
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CardinalError(f"cannot start tracking with {', '.join(trackers)}: {reason}") from None
+
+
+def log_epoch(accelerator, trackers: Sequence[str], row: Dict[str, Any], epoch: int, run_dir: Path) -> None:
+    """The epoch's metrics to every tracker; a write that fails (a full disk) is one error that says what
+    is kept."""
+    try:
+        accelerator.log(metrics_of(row), step=epoch)
+    except OSError as error:
+        raise CardinalError(f"tracking with {', '.join(trackers)} failed: {error.strerror or error}; the records "
+                            f"of epoch {epoch} are kept; free space, then --resume {run_dir}") from None
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes its events in a thread of its own. When a write fails (a full disk) that thread's
+    traceback would be printed, though the writer raises the same error again at its next call, where it
+    becomes one line; so that thread's OSError is not printed."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_writer_threads", False):
+        return
+
+    def hook(args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.quiets_writer_threads = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

@@ -18,7 +18,7 @@ import platform
 import shlex
 import sys
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Set, Tuple
@@ -67,7 +67,7 @@ from cardinal.engine import (
     synchronize,
     train_epoch,
 )
-from cardinal.fileio import write_text_atomic
+from cardinal.fileio import cannot_write, folders_made_for, write_text_atomic
 from cardinal.models import STEM_INITS, build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
@@ -82,7 +82,7 @@ from cardinal.speedups import (
     resolve_compile,
     tune_kernels,
 )
-from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, metrics_of, resolve_trackers, start_tracking
+from cardinal.tracking import TRACKER_CHOICES, TRACKING_DIR, log_epoch, resolve_trackers, start_tracking
 from cardinal.validate import (
     IMAGE_SIDE,
     MAX_LR,
@@ -358,25 +358,18 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
     """Create (or check) the run folder and hold its lock for the run's life; a start that fails before
     writing anything leaves no folder (nor the parents it created, such as a first ``runs/``)."""
     check_not_symlink(run_dir)
-    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test.{os.getpid()}"  # one per process: ranks probe at the same time
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
-    try:
+    with folders_made_for(run_dir, remove_on_failure=is_main_rank()) as created:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / f".write-test.{os.getpid()}"  # one per process: ranks probe at the same time
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
         with run_lock(run_dir, remove_on_error=run_dir in created):
             if not resuming and is_main_rank():
                 check_fresh(run_dir)
             yield run_dir
-    except BaseException:
-        if is_main_rank():
-            for folder in created:  # deepest first; rmdir removes only empty folders
-                with suppress(OSError):
-                    folder.rmdir()
-        raise
 
 
 def device_name(device: torch.device) -> str:
@@ -679,7 +672,7 @@ def run_epochs(session: Session, progress: Progress, rule: StopRule, records: Ru
                 "arch": config.arch, "dataset": config.dataset}, session.average)
         session.report.end_epoch(row)
         if session.trackers:
-            session.accelerator.log(metrics_of(row), step=epoch)
+            log_epoch(session.accelerator, session.trackers, row, epoch, session.run_dir)
     session.checkpoints.wait()
     session.accelerator.wait_for_everyone()  # every process returns with the last checkpoint on disk
 
@@ -697,7 +690,10 @@ def evaluate_only(session: Session) -> None:
     if averaged is not None:
         summary["test_acc_ema"] = averaged.accuracy
     if session.main_process:
-        write_text_atomic(session.run_dir / EVAL_NAME, json.dumps(summary, indent=2))
+        try:
+            write_text_atomic(session.run_dir / EVAL_NAME, json.dumps(summary, indent=2))
+        except OSError as error:
+            raise cannot_write(session.run_dir / EVAL_NAME, error) from None
     shown = {k: v for k, v in summary.items() if k not in ("weights", "mean", "std", "arch", "dataset")}
     session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     session.report.line(f"wrote {session.run_dir / EVAL_NAME}")
@@ -725,7 +721,7 @@ def write_config(session: Session, config: TrainConfig) -> None:
     try:
         write_text_atomic(session.run_dir / CONFIG_NAME, config.to_json())
     except OSError as error:
-        raise CardinalError(f"cannot write {session.run_dir / CONFIG_NAME}: {error.strerror or error}") from None
+        raise cannot_write(session.run_dir / CONFIG_NAME, error) from None
 
 
 def previous_rows(session: Session, progress: Progress):
@@ -796,7 +792,15 @@ def _close(accelerator, clean: bool) -> None:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if clean and distributed:
         accelerator.wait_for_everyone()
-    accelerator.end_training()  # also leaves the process group (accelerate >= 1.x)
+    try:
+        accelerator.end_training()  # also leaves the process group (accelerate >= 1.x)
+    except Exception as error:
+        if not clean:
+            return  # after an error, that error is the one to report, not a tracker's failure to close
+        if isinstance(error, OSError):  # a tracker's last write (a full disk)
+            raise CardinalError(f"cannot close the trackers: {error.strerror or error}; the run's records, "
+                                "checkpoint and export are written") from None
+        raise
     if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

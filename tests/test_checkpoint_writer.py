@@ -130,24 +130,24 @@ def test_cuda_state_is_copied_into_reused_page_locked_buffers():
 @pytest.mark.slow
 def test_a_run_whose_background_write_fails_stops_with_one_line_and_keeps_its_records(tmp_path, monkeypatch,
                                                                                          capsys):
-    real = torch.save
+    real = writer_module.save_file
     calls = {"big": 0}
 
-    def full_disk_on_the_second_checkpoint(obj, path, *args, **kwargs):
+    def full_disk_on_the_second_checkpoint(state, path):
         if str(path).endswith(checkpoint.MODEL_FILE):
             calls["big"] += 1
             if calls["big"] == 2:
                 raise OSError(28, "No space left on device")
-        real(obj, path, *args, **kwargs)
+        real(state, path)
 
-    monkeypatch.setattr(writer_module.torch, "save", full_disk_on_the_second_checkpoint)
+    monkeypatch.setattr(writer_module, "save_file", full_disk_on_the_second_checkpoint)
     argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "32", "--epochs", "3",
             "--batch-size", "32", "--no-export", "--output-dir", str(tmp_path), "--run-name", "full"]
     with pytest.raises(SystemExit) as exit_info:
         run(train_module.main, argv)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert "the checkpoint of epoch 1 is kept" in err
+    assert f"the checkpoint of epoch 1 is kept; free space or mend the folder, then --resume {tmp_path / 'full'}" in err
     run_dir = tmp_path / "full"
     assert json.loads((run_dir / "checkpoint" / "trainer.json").read_text())["epoch"] == 1
     rows = (run_dir / "epochs.csv").read_text().strip().splitlines()

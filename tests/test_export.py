@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cardinal import build_model, list_archs
+from cardinal.cli import CardinalError
 from cardinal.export import (
     Normalization,
     clean_state_dict,
@@ -146,6 +147,29 @@ def test_a_state_dict_saved_without_normalisation_drops_a_stale_one(tmp_path):
     save_state_dict(model, tmp_path / "w.pt", Normalization((0.5,) * 3, (0.25,) * 3))
     save_state_dict(model, tmp_path / "w.pt")
     assert read_normalization(tmp_path / "w.pt") is None
+
+
+def test_a_full_disk_leaves_the_earlier_export_whole_and_no_folder_it_made(tmp_path, monkeypatch):
+    import cardinal.fileio
+
+    old = export_model(build_model("tiny_resnet"), tmp_path / "out", "m", formats=("state_dict", "torchscript"),
+                       normalization=Normalization((0.5,) * 3, (0.25,) * 3))
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    real = cardinal.fileio._write_synced
+
+    def full_at_the_scripted_model(path, data):
+        if path.name.endswith(".ts"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(cardinal.fileio, "_write_synced", full_at_the_scripted_model)
+    for output_dir in (tmp_path / "out", tmp_path / "new" / "out"):
+        with pytest.raises(CardinalError, match=r"cannot write .*m\.ts: No space left on device"):
+            export_model(build_model("tiny_resnet"), output_dir, "m", formats=("state_dict", "torchscript"),
+                         normalization=Normalization((0.4,) * 3, (0.2,) * 3))
+    # the new weights and mean/std were written first, yet the old set is what is there, and nothing else
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+    assert read_normalization(old.state_dict).mean == (0.5,) * 3 and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -240,15 +240,64 @@ def test_full_disk_during_config_write_is_one_line(tmp_path, capsys, monkeypatch
 
 @pytest.mark.slow
 def test_full_disk_during_export_is_one_line_and_keeps_the_records(tmp_path, capsys, monkeypatch):
-    import cardinal.export
+    import cardinal.fileio
 
-    monkeypatch.setattr(cardinal.export, "write_bytes_atomic", _no_space)
+    real = cardinal.fileio._write_synced
+
+    def full_for_models(path, data):
+        if "model" in path.name:
+            _no_space()
+        real(path, data)
+
+    monkeypatch.setattr(cardinal.fileio, "_write_synced", full_for_models)
     argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "1",
             "--output-dir", str(tmp_path), "--run-name", "r"]
     _one_line(*_run_cli(argv, capsys), "cannot write", "model", "No space left")
     assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1]
     assert (tmp_path / "r" / "checkpoint" / "trainer.json").is_file()
     assert not list((tmp_path / "r").glob("model*"))
+
+
+@pytest.mark.slow
+def test_full_disk_during_the_records_write_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    import cardinal.records
+
+    real, calls = cardinal.records.write_csv, []
+
+    def full_at_the_second_epoch(frame, path):
+        calls.append(path)
+        if len(calls) == 2:
+            _no_space()
+        real(frame, path)
+
+    monkeypatch.setattr(cardinal.records, "write_csv", full_at_the_second_epoch)
+    argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "3",
+            "--no-export", "--output-dir", str(tmp_path), "--run-name", "r"]
+    run_dir = tmp_path / "r"
+    _one_line(*_run_cli(argv, capsys), f"cannot write {run_dir / 'epochs.csv'}: No space left on device; "
+              f"its earlier rows are kept; free space or mend the folder, then --resume {run_dir}")
+    assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1]
+    assert json.loads((run_dir / "checkpoint" / "trainer.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(cardinal.records, "write_csv", real)
+    code, err = _run_cli(["--resume", str(run_dir)], capsys)
+    assert code == 0, err
+    assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_full_disk_during_the_eval_only_result_is_one_line(finished_run, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "write_text_atomic", _no_space)
+    code, err = _run_cli(["--resume", str(finished_run), "--eval-only"], capsys)
+    _one_line(code, err, f"cannot write {finished_run / 'eval.json'}: No space left on device")
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import cardinal.runlock
+
+    monkeypatch.setattr(cardinal.runlock.os, "write", _no_space)
+    argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
+    _one_line(*_run_cli(argv, capsys), f"cannot write to output folder {tmp_path / 'runs' / 'r'}: No space left")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_eval_only_uses_the_runs_own_normalization(tmp_path):

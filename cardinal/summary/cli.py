@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
-from cardinal.fileio import write_text_atomic
+from cardinal.fileio import cannot_write, write_text_atomic
 from cardinal.records import check_output_file
 from cardinal.summary import Summary, summarize
 from cardinal.summary.plot import plot, require_matplotlib
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             write_text_atomic(args.output, text)
         except OSError as error:
-            raise CardinalError(f"cannot write {args.output}: {error.strerror or error}") from None
+            raise cannot_write(args.output, error) from None
     if args.plot is not None:
         plot(summary, args.plot)
         print(f"plot written to {args.plot}")
