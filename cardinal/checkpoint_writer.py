@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -176,11 +177,44 @@ class CheckpointWriter:
                              + f"; free space or mend the folder, then --resume {self.run_dir}")
 
 
+class _WholeWrites:
+    """A file torch.save writes into that writes every byte it is given (a short write is continued, as a
+    full disk makes the first one short) and keeps the OSError that stops it: torch reports that only as a
+    RuntimeError about stream positions."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self.fd, view[done:])
+        except OSError as error:
+            self.error = error
+            raise
+        return done
+
+    def flush(self) -> None:
+        pass
+
+
 def save_file(state: Any, path: Path) -> None:
-    """torch.save through a Python file: a full disk is then an OSError that says so, where torch's own
-    writer raises a RuntimeError about stream positions."""
-    with open(path, "wb") as handle:
-        torch.save(state, handle)
+    """torch.save, then flushed to disk; a full disk is the OSError that says so."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        target = _WholeWrites(fd)
+        try:
+            torch.save(state, target)
+        except RuntimeError:
+            if target.error is not None:
+                raise target.error from None
+            raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(accelerator, model, optimizer, run_dir: Path, trainer_state: Dict[str, Any],

@@ -126,6 +126,8 @@ class ExportedFiles:
     torchscript: Optional[Path] = None
     program: Optional[Path] = None
     state_dict: Optional[Path] = None
+    normalization: Optional[Path] = None  # the state_dicts' mean/std (<name>_state.json)
+    average_state_dict: Optional[Path] = None  # the weights' moving average (<name>_ema_state.pt)
 
     def written(self) -> Dict[str, Path]:
         return {name: path for name, path in vars(self).items() if path is not None}
@@ -268,12 +270,15 @@ def export_model(
     formats: Sequence[str] = FORMATS,
     input_size: Sequence[int] = (3, 32, 32),
     normalization: Optional[Normalization] = None,
+    average: Optional[nn.Module] = None,
 ) -> ExportedFiles:
     """Write ``<name>.ts``, ``<name>.pt2`` and ``<name>_state.pt`` (as chosen) under ``output_dir``.
 
     Each is made from a CPU fp32 eval-mode copy; the caller's model is left untouched. With a
     ``normalization`` the .ts/.pt2 take images in [0, 1] and normalise inside, and the state_dict gets
-    ``<name>_state.json`` with the mean/std; without one they take already-normalised input.
+    ``<name>_state.json`` with the mean/std; without one they take already-normalised input. An
+    ``average`` (the moving average of the weights) goes beside the state_dict as ``<name>_ema_state.pt``.
+    All files are replaced together: a failed write leaves the earlier ones as they were.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -282,18 +287,24 @@ def export_model(
     paths = {"state_dict": output_dir / f"{name}_state.pt", "torchscript": output_dir / f"{name}.ts",
              "program": output_dir / f"{name}.pt2"}
     paths = {kind: path for kind, path in paths.items() if kind in formats}
+    if average is not None and "state_dict" in paths:
+        paths["average_state_dict"] = output_dir / f"{name}_ema_state.pt"
     if not paths:
         return ExportedFiles()
+    state_dicts = {paths[kind]: module for kind, module in (("state_dict", model), ("average_state_dict", average))
+                   if kind in paths}
     with folders_made_for(output_dir):
         probe_writable(next(iter(paths.values())))  # before the minutes torch.export can take
         contents: Dict[Path, bytes] = {}
-        if "state_dict" in paths:
-            contents.update(_state_dict_files(model, paths["state_dict"], normalization))
+        for path, module in state_dicts.items():
+            contents.update(_state_dict_files(module, path, normalization))
         if "torchscript" in paths:
             contents[paths["torchscript"]] = _torchscript_bytes(model, normalization)
         if "program" in paths:
             contents[paths["program"]] = _program_bytes(model, input_size, normalization)
-        _write_set(contents, state_dicts=[paths["state_dict"]] if "state_dict" in paths else [])
+        _write_set(contents, state_dicts=list(state_dicts))
+    if normalization is not None and "state_dict" in paths:
+        paths["normalization"] = normalization_path(paths["state_dict"])
     return ExportedFiles(**paths)
 
 
@@ -358,9 +369,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     input_size: Tuple[int, int, int] = (3, args.image_size, args.image_size)
     files = export_model(model, args.output_dir, args.name or args.arch, args.formats, input_size, normalization)
     for kind, path in files.written().items():
-        print(f"{kind}: {path}")
-    if files.state_dict is not None:
-        print(f"normalisation: {normalization_path(files.state_dict)} ({normalization.describe()})")
+        if kind != "normalization":
+            print(f"{kind}: {path}")
+    if files.normalization is not None:
+        print(f"normalisation: {files.normalization} ({normalization.describe()})")
     if files.torchscript is not None or files.program is not None:
         print(f"input of the .ts/.pt2: {INPUT_CONTRACT}")
     return 0

@@ -30,16 +30,17 @@ def atomic_target(path: os.PathLike | str) -> Iterator[Path]:
                 shutil.copyfileobj(source, target)
         return
     path = Path(os.path.realpath(path)) if os.path.islink(path) else Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".tmp.{path.name}")
-    try:
-        yield temp
-        crash_point(f"before-replace:{path.name}")
-        os.replace(temp, path)
-        crash_point(f"after-replace:{path.name}")
-    finally:
-        if temp.exists():
-            temp.unlink()
+    with folders_made_for(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".tmp.{path.name}")
+        try:
+            yield temp
+            crash_point(f"before-replace:{path.name}")
+            os.replace(temp, path)
+            crash_point(f"after-replace:{path.name}")
+        finally:
+            if temp.exists():
+                temp.unlink()
 
 
 @contextmanager
@@ -51,10 +52,14 @@ def folders_made_for(folder: Path, remove_on_failure: bool = True) -> Iterator[l
         yield created
     except BaseException:
         if remove_on_failure:
-            for path in created:  # deepest first; rmdir removes only empty folders
-                with suppress(OSError):
-                    path.rmdir()
+            remove_empty(created)
         raise
+
+
+def remove_empty(folders) -> None:
+    for path in folders:  # deepest first; rmdir removes only empty folders
+        with suppress(OSError):
+            path.rmdir()
 
 
 STREAM_PATHS = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")  # links to whatever the stream is
@@ -108,15 +113,17 @@ def cannot_write(path: os.PathLike | str, error: OSError) -> CardinalError:
 
 
 def probe_writable(path: Path) -> None:
-    """Create ``path``'s folder and a file beside ``path``, then remove the file: a CardinalError before
-    hours of work, rather than after, when the result could not be written."""
+    """Create ``path``'s folder and a file beside ``path``, then remove both again: a CardinalError before
+    hours of work, rather than after, when the result could not be written (the write makes the folder)."""
     probe = path.with_name(f".tmp.{path.name}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as error:
-        raise cannot_write(path, error) from None
+    with folders_made_for(path.parent) as created:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+        except OSError as error:
+            raise cannot_write(path, error) from None
+    remove_empty(created)
 
 
 def read_regular_file(path: os.PathLike | str, max_bytes: int) -> bytes:

@@ -51,7 +51,7 @@ from cardinal.cli import ArgumentParser, CardinalError, make_console, positive_i
 from cardinal.config import RECIPES
 from cardinal.cost import count_forward_flops
 from cardinal.engine import synchronize
-from cardinal.fileio import atomic_target, cannot_write
+from cardinal.fileio import atomic_target, cannot_write, probe_writable
 from cardinal.models import build_model, list_archs
 from cardinal.optim import build_optimizer
 from cardinal.plotting import pyplot, save_figure
@@ -739,12 +739,7 @@ def build_parser() -> ArgumentParser:
 def _check_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise CardinalError(f"{flag} {path} is a file; give a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        (path / ".write-probe").touch()
-        (path / ".write-probe").unlink()
-    except OSError as error:
-        raise cannot_write(path, error) from None
+    probe_writable(path / "trace")
 
 
 DEFAULT_BATCH = {"cuda": 512, "cpu": 128}

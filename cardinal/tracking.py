@@ -75,8 +75,9 @@ def start_tracking(accelerator, trackers: Sequence[str], run_dir: Path, config: 
         accelerator.init_trackers(run_dir.name, config=flat_hyperparameters(config), init_kwargs=extra)
     except Exception as error:  # a tracker's own setup (login, server, a full disk) failed
         accelerator.trackers = []  # half-started ones would fail again when the run ends them
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CardinalError(f"cannot start tracking with {', '.join(trackers)}: {reason}") from None
+        reason = (getattr(error, "strerror", None) or str(error).strip().split("\n")[0] or type(error).__name__)
+        raise CardinalError(f"cannot start tracking with {', '.join(trackers)}: {reason}; mend that, then "
+                            f"--resume {run_dir}") from None
 
 
 def log_epoch(accelerator, trackers: Sequence[str], row: Dict[str, Any], epoch: int, run_dir: Path) -> None:

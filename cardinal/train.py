@@ -700,17 +700,19 @@ def evaluate_only(session: Session) -> None:
 
 
 def finish(session: Session, records: RunRecords) -> None:
-    from cardinal.export import Normalization, export_model, normalization_path, save_state_dict
+    from cardinal.export import Normalization, export_model
 
     if session.config.export and session.main_process:
         plain = session.accelerator.unwrap_model(session.model, keep_fp32_wrapper=False)
         normalization = Normalization(tuple(session.config.recipe.mean), tuple(session.config.recipe.std))
-        files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE, normalization=normalization)
-        written = [*files.written().values(), normalization_path(files.state_dict)]
-        if session.average is not None:
-            written.append(save_state_dict(session.average.module, session.run_dir / "model_ema_state.pt",
-                                           normalization))
-        session.report.line("exported " + ", ".join(str(p) for p in written))
+        average = session.average.module if session.average is not None else None
+        try:
+            files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE,
+                                 normalization=normalization, average=average)
+        except CardinalError as error:
+            raise CardinalError(f"{error}; the run's records and checkpoint are kept: free space or mend the "
+                                f"folder, then --resume {session.run_dir} (it only exports)") from None
+        session.report.line("exported " + ", ".join(str(p) for p in files.written().values()))
     if session.main_process and records.rows:
         session.report.final(records.frame(), session.run_dir)
 
@@ -769,10 +771,13 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
                 (run_dir / EVAL_NAME).unlink(missing_ok=True)
             start_tracking(session.accelerator, session.trackers, run_dir, config.to_dict())
             session.report.line(header(session, info))
-            if progress.epoch:
+            rule = StopRule(config.recipe.epochs, config.max_steps, stop_after, progress.epoch + 1)
+            if progress.epoch and rule.done(progress.epoch, progress.global_step):
+                session.report.line(f"nothing left to train (checkpoint of epoch {progress.epoch}, step "
+                                    f"{progress.global_step})" + ("; exporting" if config.export else ""))
+            elif progress.epoch:
                 session.report.line(f"resuming at epoch {progress.epoch + 1} of {config.recipe.epochs} "
                                     f"(checkpoint of epoch {progress.epoch}, step {progress.global_step})")
-            rule = StopRule(config.recipe.epochs, config.max_steps, stop_after, progress.epoch + 1)
             try:
                 run_epochs(session, progress, rule, records)
             except KeyboardInterrupt as interrupt:

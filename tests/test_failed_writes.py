@@ -163,3 +163,38 @@ def test_a_checkpoint_file_on_a_full_disk_is_an_os_error_that_says_so():
     with pytest.raises(OSError) as error:
         checkpoint_writer.save_file({"w": torch.zeros(100_000)}, Path("/dev/full"))
     assert error.value.errno == errno.ENOSPC
+
+
+def test_a_short_write_then_a_full_disk_is_the_os_error_not_torchs_position_error(tmp_path, monkeypatch):
+    """A filling disk first takes part of a write, then none: torch alone would say 'unexpected pos'."""
+    real, writes = os.write, []
+
+    def filling_up(fd, data):
+        if fd <= 2:
+            return real(fd, data)
+        writes.append(len(data))
+        if len(writes) == 3 and len(data) > 1:
+            return real(fd, bytes(data)[: len(data) // 2])
+        if len(writes) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(checkpoint_writer.os, "write", filling_up)
+    with pytest.raises(OSError) as error:
+        checkpoint_writer.save_file({"w": torch.zeros(100_000), "b": torch.ones(3)}, tmp_path / "model.pt")
+    assert error.value.errno == errno.ENOSPC and len(writes) > 3
+
+
+def test_an_output_that_cannot_be_written_leaves_no_folder_made_for_it(tmp_path, monkeypatch):
+    import cardinal.fileio
+    from cardinal.fileio import probe_writable, write_text_atomic
+
+    probe_writable(tmp_path / "checked" / "early" / "summary.csv")  # checked before the work: nothing kept
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(cardinal.fileio, "_write_synced", _no_space)
+    with pytest.raises(OSError):
+        write_text_atomic(tmp_path / "new" / "folder" / "summary.txt", "table")
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(OSError):
+        write_text_atomic(tmp_path / "kept" / "summary.txt", "table")
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []

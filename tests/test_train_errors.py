@@ -244,18 +244,27 @@ def test_full_disk_during_export_is_one_line_and_keeps_the_records(tmp_path, cap
 
     real = cardinal.fileio._write_synced
 
-    def full_for_models(path, data):
-        if "model" in path.name:
+    def full_at_the_program(path, data):  # the weights, their average and mean/std were written first
+        if path.name.endswith(".pt2"):
             _no_space()
         real(path, data)
 
-    monkeypatch.setattr(cardinal.fileio, "_write_synced", full_for_models)
+    monkeypatch.setattr(cardinal.fileio, "_write_synced", full_at_the_program)
+    run_dir = tmp_path / "r"
     argv = [*TINY, *SYNTHETIC, "--synthetic-train", "128", "--synthetic-test", "64", "--epochs", "1",
-            "--output-dir", str(tmp_path), "--run-name", "r"]
-    _one_line(*_run_cli(argv, capsys), "cannot write", "model", "No space left")
-    assert list(pd.read_csv(tmp_path / "r" / "epochs.csv")["epoch"]) == [1]
-    assert (tmp_path / "r" / "checkpoint" / "trainer.json").is_file()
-    assert not list((tmp_path / "r").glob("model*"))
+            "--ema-decay", "0.9", "--output-dir", str(tmp_path), "--run-name", "r"]
+    _one_line(*_run_cli(argv, capsys), f"cannot write {run_dir / 'model.pt2'}: No space left",
+              f"then --resume {run_dir} (it only exports)")
+    assert list(pd.read_csv(run_dir / "epochs.csv")["epoch"]) == [1]
+    assert (run_dir / "checkpoint" / "trainer.json").is_file()
+    assert not list(run_dir.glob("*model*"))  # no file of the set, nor a temporary one
+    monkeypatch.setattr(cardinal.fileio, "_write_synced", real)
+    with pytest.raises(SystemExit) as exit_info:
+        run(train_module.main, ["--resume", str(run_dir)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "nothing left to train (checkpoint of epoch 1, step" in out
+    assert sorted(path.name for path in run_dir.glob("model*")) == [
+        "model.pt2", "model.ts", "model_ema_state.json", "model_ema_state.pt", "model_state.json", "model_state.pt"]
 
 
 @pytest.mark.slow
