@@ -182,6 +182,8 @@ class _WholeWrites:
     full disk makes the first one short) and keeps the OSError that stops it: torch reports that only as a
     RuntimeError about stream positions."""
 
+    os_write = staticmethod(os.write)
+
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.error: Optional[OSError] = None
@@ -191,7 +193,7 @@ class _WholeWrites:
         done = 0
         try:
             while done < len(view):
-                done += os.write(self.fd, view[done:])
+                done += self.os_write(self.fd, view[done:])
         except OSError as error:
             self.error = error
             raise

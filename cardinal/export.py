@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, single_name
-from cardinal.fileio import folders_made_for, probe_writable, write_files_atomic
+from cardinal.fileio import cannot_write, probe_writable, write_files_atomic
 from cardinal.models import STEMS, build_model, list_archs
 from cardinal.safeload import UnreadableTensors, load_tensors
 from cardinal.syncbn import revert_sync_batchnorm
@@ -82,12 +82,6 @@ def normalization_path(weights: os.PathLike | str) -> Path:
     return Path(weights).with_suffix(".json")
 
 
-def write_normalization(weights: os.PathLike | str, normalization: Normalization) -> Path:
-    path = normalization_path(weights)
-    write_files_atomic({path: _normalization_json(weights, normalization)})
-    return path
-
-
 def _normalization_json(weights: os.PathLike | str, normalization: Normalization) -> bytes:
     text = json.dumps({"weights": Path(weights).name, "input": INPUT_CONTRACT,
                        "mean": list(normalization.mean), "std": list(normalization.std)}, indent=2)
@@ -126,8 +120,9 @@ class ExportedFiles:
     torchscript: Optional[Path] = None
     program: Optional[Path] = None
     state_dict: Optional[Path] = None
-    normalization: Optional[Path] = None  # the state_dicts' mean/std (<name>_state.json)
+    state_dict_normalization: Optional[Path] = None  # its mean/std (<name>_state.json)
     average_state_dict: Optional[Path] = None  # the weights' moving average (<name>_ema_state.pt)
+    average_state_dict_normalization: Optional[Path] = None
 
     def written(self) -> Dict[str, Path]:
         return {name: path for name, path in vars(self).items() if path is not None}
@@ -222,19 +217,29 @@ def _program_bytes(model: nn.Module, input_size: Sequence[int], normalization: O
     return _serialized(lambda buffer: torch.export.save(program, buffer))
 
 
-def _state_dict_files(model: nn.Module, path: Path, normalization: Optional[Normalization]) -> Dict[Path, bytes]:
-    """The state_dict file and, with a normalization, its mean/std beside it."""
+def _state_dict_bytes(model: nn.Module) -> bytes:
     state = clean_state_dict(_plain_eval_copy(model).state_dict())
-    files = {path: _serialized(lambda buffer: torch.save(state, buffer))}
+    return _serialized(lambda buffer: torch.save(state, buffer))
+
+
+Files = Dict[Path, Callable[[], bytes]]  # each file of a set, and how its bytes are made
+
+
+def _state_dict_files(model: nn.Module, path: Path, normalization: Optional[Normalization]) -> Files:
+    """The state_dict file and, with a normalization, its mean/std beside it."""
+    files: Files = {path: lambda: _state_dict_bytes(model)}
     if normalization is not None:
-        files[normalization_path(path)] = _normalization_json(path, normalization)
+        files[normalization_path(path)] = lambda: _normalization_json(path, normalization)
     return files
 
 
-def _write_set(files: Dict[Path, bytes], state_dicts: Sequence[Path] = ()) -> None:
+def _write_set(files: Files, state_dicts: Sequence[Path] = ()) -> None:
     """Every file replaced together (fileio.write_files_atomic); then a state_dict written without a
     normalization loses any mean/std file of another model beside it."""
-    write_files_atomic(files)
+    try:
+        write_files_atomic(files)
+    except OSError as error:
+        raise cannot_write(error.filename, error) from None
     for path in state_dicts:
         if normalization_path(path) not in files:
             normalization_path(path).unlink(missing_ok=True)
@@ -242,7 +247,7 @@ def _write_set(files: Dict[Path, bytes], state_dicts: Sequence[Path] = ()) -> No
 
 def export_torchscript(model: nn.Module, path: os.PathLike | str,
                        normalization: Optional[Normalization] = None) -> Path:
-    _write_set({Path(path): _torchscript_bytes(model, normalization)})
+    _write_set({Path(path): lambda: _torchscript_bytes(model, normalization)})
     return Path(path)
 
 
@@ -251,7 +256,7 @@ def export_program(
     normalization: Optional[Normalization] = None,
 ) -> Path:
     """Save a ``torch.export`` program whose batch dimension is dynamic."""
-    _write_set({Path(path): _program_bytes(model, input_size, normalization)})
+    _write_set({Path(path): lambda: _program_bytes(model, input_size, normalization)})
     return Path(path)
 
 
@@ -277,13 +282,16 @@ def export_model(
     Each is made from a CPU fp32 eval-mode copy; the caller's model is left untouched. With a
     ``normalization`` the .ts/.pt2 take images in [0, 1] and normalise inside, and the state_dict gets
     ``<name>_state.json`` with the mean/std; without one they take already-normalised input. An
-    ``average`` (the moving average of the weights) goes beside the state_dict as ``<name>_ema_state.pt``.
-    All files are replaced together: a failed write leaves the earlier ones as they were.
+    ``average`` (the moving average of the weights) goes beside the state_dict, with the state_dict
+    format only, as ``<name>_ema_state.pt`` (and its ``.json``). Every file is written before any replaces
+    an earlier one: a failed write leaves the earlier export as it was.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise CardinalError(f"unknown export format(s) {sorted(unknown)}; choose from {', '.join(FORMATS)}")
     output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CardinalError(f"output directory {output_dir} is a file; give a folder")
     paths = {"state_dict": output_dir / f"{name}_state.pt", "torchscript": output_dir / f"{name}.ts",
              "program": output_dir / f"{name}.pt2"}
     paths = {kind: path for kind, path in paths.items() if kind in formats}
@@ -291,20 +299,20 @@ def export_model(
         paths["average_state_dict"] = output_dir / f"{name}_ema_state.pt"
     if not paths:
         return ExportedFiles()
+    probe_writable(next(iter(paths.values())))  # before the minutes torch.export can take
     state_dicts = {paths[kind]: module for kind, module in (("state_dict", model), ("average_state_dict", average))
                    if kind in paths}
-    with folders_made_for(output_dir):
-        probe_writable(next(iter(paths.values())))  # before the minutes torch.export can take
-        contents: Dict[Path, bytes] = {}
-        for path, module in state_dicts.items():
-            contents.update(_state_dict_files(module, path, normalization))
-        if "torchscript" in paths:
-            contents[paths["torchscript"]] = _torchscript_bytes(model, normalization)
-        if "program" in paths:
-            contents[paths["program"]] = _program_bytes(model, input_size, normalization)
-        _write_set(contents, state_dicts=list(state_dicts))
-    if normalization is not None and "state_dict" in paths:
-        paths["normalization"] = normalization_path(paths["state_dict"])
+    files: Files = {}
+    for path, module in state_dicts.items():
+        files.update(_state_dict_files(module, path, normalization))
+    if "torchscript" in paths:
+        files[paths["torchscript"]] = lambda: _torchscript_bytes(model, normalization)
+    if "program" in paths:
+        files[paths["program"]] = lambda: _program_bytes(model, input_size, normalization)
+    _write_set(files, state_dicts=list(state_dicts))
+    if normalization is not None:
+        paths.update({f"{kind}_normalization": normalization_path(paths[kind])
+                      for kind in ("state_dict", "average_state_dict") if kind in paths})
     return ExportedFiles(**paths)
 
 
@@ -369,10 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     input_size: Tuple[int, int, int] = (3, args.image_size, args.image_size)
     files = export_model(model, args.output_dir, args.name or args.arch, args.formats, input_size, normalization)
     for kind, path in files.written().items():
-        if kind != "normalization":
+        if not kind.endswith("normalization"):
             print(f"{kind}: {path}")
-    if files.normalization is not None:
-        print(f"normalisation: {files.normalization} ({normalization.describe()})")
+    if files.state_dict_normalization is not None:
+        print(f"normalisation: {files.state_dict_normalization} ({normalization.describe()})")
     if files.torchscript is not None or files.program is not None:
         print(f"input of the .ts/.pt2: {INPUT_CONTRACT}")
     return 0

@@ -9,7 +9,7 @@ import stat
 import tempfile
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 from cardinal.cli import CardinalError
 from cardinal.crash import crash_point
@@ -94,17 +94,18 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def write_files_atomic(contents: Mapping[Path, bytes]) -> None:
-    """Replace a set of files together (an export: weights, their mean/std, the scripted model): each is
-    written beside its target first, so a full disk or a read-only folder leaves every old file as it was,
-    never half of the set new. A failure is a CardinalError naming the file."""
+def write_files_atomic(contents: Mapping[Path, Callable[[], bytes]]) -> None:
+    """Replace a set of files together (an export: weights, their mean/std, the scripted model). Each file's
+    bytes are made (by its callable, one file's at a time in memory) and written beside its target before
+    any target is replaced, so a full disk or a read-only folder leaves every old file as it was. The
+    renames at the end are one directory operation each. A failure is an OSError naming the file."""
     with ExitStack() as swaps:
-        for path, data in contents.items():
-            temp = swaps.enter_context(atomic_target(path))
+        for path, make in contents.items():
             try:
-                _write_synced(temp, data)
+                temp = swaps.enter_context(atomic_target(path))
+                _write_synced(temp, make())
             except OSError as error:
-                raise cannot_write(path, error) from None
+                raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def cannot_write(path: os.PathLike | str, error: OSError) -> CardinalError:
@@ -112,9 +113,10 @@ def cannot_write(path: os.PathLike | str, error: OSError) -> CardinalError:
     return CardinalError(f"cannot write {path}: {error.strerror or error}")
 
 
-def probe_writable(path: Path) -> None:
-    """Create ``path``'s folder and a file beside ``path``, then remove both again: a CardinalError before
-    hours of work, rather than after, when the result could not be written (the write makes the folder)."""
+def probe_writable(path: Path, named: Optional[Path] = None) -> None:
+    """Create ``path``'s folder and a file beside ``path``, then remove both again: a CardinalError (naming
+    ``named``, else ``path``) before hours of work, rather than after, when the result could not be written
+    (the write makes the folder)."""
     probe = path.with_name(f".tmp.{path.name}")
     with folders_made_for(path.parent) as created:
         try:
@@ -122,7 +124,7 @@ def probe_writable(path: Path) -> None:
             probe.touch()
             probe.unlink()
         except OSError as error:
-            raise cannot_write(path, error) from None
+            raise cannot_write(named or path, error) from None
     remove_empty(created)
 
 

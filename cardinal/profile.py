@@ -739,7 +739,7 @@ def build_parser() -> ArgumentParser:
 def _check_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise CardinalError(f"{flag} {path} is a file; give a folder")
-    probe_writable(path / "trace")
+    probe_writable(path / "trace", named=path)
 
 
 DEFAULT_BATCH = {"cuda": 512, "cpu": 128}

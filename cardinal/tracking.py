@@ -94,12 +94,16 @@ def _quiet_writer_threads() -> None:
     """TensorBoard writes its events in a thread of its own. When a write fails (a full disk) that thread's
     traceback would be printed, though the writer raises the same error again at its next call, where it
     becomes one line; so that thread's OSError is not printed."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread as writer_thread
+    except ImportError:
+        return  # no TensorBoard, no such thread
     previous = threading.excepthook
     if getattr(previous, "quiets_writer_threads", False):
         return
 
     def hook(args) -> None:
-        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+        if not (isinstance(args.exc_value, OSError) and isinstance(args.thread, writer_thread)):
             previous(args)
 
     hook.quiets_writer_threads = True  # type: ignore[attr-defined]

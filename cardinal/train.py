@@ -802,11 +802,17 @@ def _close(accelerator, clean: bool) -> None:
     except Exception as error:
         if not clean:
             return  # after an error, that error is the one to report, not a tracker's failure to close
+        _leave_process_group()  # end_training stopped before it did
         if isinstance(error, OSError):  # a tracker's last write (a full disk)
-            raise CardinalError(f"cannot close the trackers: {error.strerror or error}; the run's records, "
-                                "checkpoint and export are written") from None
+            raise CardinalError(f"cannot close the trackers: {error.strerror or error}; everything else of "
+                                "the run is written") from None
         raise
-    if clean and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if clean:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
 

@@ -163,6 +163,7 @@ def test_an_unknown_recipe_is_one_line_before_any_run(tmp_path, capsys):
     (["--", "--bogus"], "flags for cardinal.train: unrecognized arguments: --bogus"),
     (["--", "--lr", "fast"], "flags for cardinal.train: argument --lr"),
     (["--batch-size", "0"], "flags for cardinal.train: argument --batch-size"),
+    (["--", "--lr", "1001"], "--lr must be positive and at most 1000"),  # parsed, then refused by validation
 ])
 def test_flags_train_would_refuse_are_refused_before_the_plan(tmp_path, capsys, flags, fragment):
     code, runs, err = _plan(tmp_path, capsys, *flags)

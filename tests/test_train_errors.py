@@ -300,12 +300,16 @@ def test_full_disk_during_the_eval_only_result_is_one_line(finished_run, capsys,
     _one_line(code, err, f"cannot write {finished_run / 'eval.json'}: No space left on device")
 
 
-def test_a_full_disk_at_the_lock_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_at_the_lock_is_one_error_and_leaves_no_folder(tmp_path, monkeypatch):
     import cardinal.runlock
+    from cardinal.cli import CardinalError
 
-    monkeypatch.setattr(cardinal.runlock.os, "write", _no_space)
-    argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--output-dir", str(tmp_path / "runs"), "--run-name", "r"]
-    _one_line(*_run_cli(argv, capsys), f"cannot write to output folder {tmp_path / 'runs' / 'r'}: No space left")
+    run_dir = tmp_path / "runs" / "r"
+    with monkeypatch.context() as patched, pytest.raises(CardinalError) as error:
+        patched.setattr(cardinal.runlock.os, "write", _no_space)  # the lock file's pid: its only os.write
+        with train_module.run_folder(run_dir, resuming=False):
+            pass
+    assert str(error.value) == f"cannot write to output folder {run_dir}: No space left on device"
     assert not (tmp_path / "runs").exists()
 
 
