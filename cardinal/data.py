@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from cardinal.cli import CardinalError
+from cardinal.fileio import folders_made_for
 
 Split = tuple[torch.Tensor, torch.Tensor]  # images uint8 (N, 3, H, W), labels int64 (N,)
 
@@ -113,20 +114,18 @@ def download(data_dir: Path, spec: CifarSpec) -> None:
             f"{target} is incomplete (missing {', '.join(missing_files(target, spec))}); complete it, or remove "
             f"it to download {spec.url} again"
         )
-    created = not data_dir.exists()
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".cardinal-download-", dir=data_dir) as staging:
-            archive = Path(staging) / spec.archive
-            fetch(spec.url, archive)
-            check_md5(archive, spec.archive_md5)
-            extracted = extract(archive, Path(staging) / "extracted") / spec.folder
-            if missing_files(extracted, spec):
-                raise ValueError(f"the archive lacks {spec.folder}/{', '.join(missing_files(extracted, spec))}")
-            move_into_place(extracted, target, spec)
+        with folders_made_for(data_dir):  # a failed download leaves no folder it made, parents included
+            data_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".cardinal-download-", dir=data_dir) as staging:
+                archive = Path(staging) / spec.archive
+                fetch(spec.url, archive)
+                check_md5(archive, spec.archive_md5)
+                extracted = extract(archive, Path(staging) / "extracted") / spec.folder
+                if missing_files(extracted, spec):
+                    raise ValueError(f"the archive lacks {spec.folder}/{', '.join(missing_files(extracted, spec))}")
+                move_into_place(extracted, target, spec)
     except DOWNLOAD_ERRORS as error:  # offline, proxy, checksum or disk errors all end the same way for the user
-        if created and data_dir.is_dir() and not any(data_dir.iterdir()):
-            data_dir.rmdir()
         if _cannot_write_here(error):
             raise CardinalError(f"cannot download {spec.url} into {data_dir}: {error.strerror}; free space there or "
                                 "pass a --data-dir you can write to (or one holding the extracted data)") from None
