@@ -43,7 +43,7 @@ from cardinal.checkpoint import (
 )
 from cardinal.cli import CardinalError
 from cardinal.crash import crash_point
-from cardinal.fileio import write_text_atomic
+from cardinal.fileio import resume_after_mending, write_text_atomic
 
 
 class HostCopier:
@@ -174,7 +174,7 @@ class CheckpointWriter:
         return CardinalError(f"cannot save a checkpoint in {self.run_dir}: {reason}; "
                              + (f"the checkpoint of epoch {saved_epoch(kept)} is kept" if kept
                                 else "no earlier checkpoint exists")
-                             + f"; free space or mend the folder, then --resume {self.run_dir}")
+                             + f"; {resume_after_mending(self.run_dir)}")
 
 
 class _WholeWrites:

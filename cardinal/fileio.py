@@ -113,6 +113,15 @@ def cannot_write(path: os.PathLike | str, error: OSError) -> CardinalError:
     return CardinalError(f"cannot write {path}: {error.strerror or error}")
 
 
+def cannot_write_folder(folder: os.PathLike | str, error: OSError) -> CardinalError:
+    return CardinalError(f"cannot write to output folder {folder}: {error.strerror or error}")
+
+
+def resume_after_mending(run_dir: os.PathLike | str) -> str:
+    """What a run stopped by a failed write says to do: its folder holds all it had written before."""
+    return f"free space or mend the folder, then --resume {run_dir}"
+
+
 def probe_writable(path: Path, named: Optional[Path] = None) -> None:
     """Create ``path``'s folder and a file beside ``path``, then remove both again: a CardinalError (naming
     ``named``, else ``path``) before hours of work, rather than after, when the result could not be written

@@ -19,7 +19,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardinal.cli import CardinalError, make_console
-from cardinal.fileio import atomic_target, cannot_write, is_stream, probe_writable, read_regular_file
+from cardinal.fileio import (
+    atomic_target,
+    cannot_write,
+    is_stream,
+    probe_writable,
+    read_regular_file,
+    resume_after_mending,
+)
 
 CSV_NAME = "epochs.csv"
 CONFIG_NAME = "config.json"
@@ -167,8 +174,8 @@ class RunRecords:
         try:
             write_csv(self.frame(), self.path)
         except OSError as error:
-            raise CardinalError(f"{cannot_write(self.path, error)}; its earlier rows are kept; free space or mend "
-                                f"the folder, then --resume {self.path.parent}") from None
+            raise CardinalError(f"{cannot_write(self.path, error)}; its earlier rows are kept; "
+                                f"{resume_after_mending(self.path.parent)}") from None
         return row
 
     def frame(self) -> pd.DataFrame:

@@ -236,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from cardinal.cost import model_cost
     from cardinal.export import load_weights
-    from cardinal.fileio import folders_made_for, write_text_atomic
+    from cardinal.fileio import cannot_write_folder, folders_made_for, write_text_atomic
     from cardinal.reference import torchvision_model
     from cardinal.threads import use_cpu_threads
     from cardinal.train import device_name
@@ -267,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(run_dir / CONFIG_NAME, run_config(args, run_name).to_json())
     except OSError as error:
-        raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
+        raise cannot_write_folder(run_dir, error) from None
     import accelerate
 
     import cardinal

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from cardinal.cli import CardinalError, is_main_rank
+from cardinal.fileio import cannot_write_folder
 
 LOCK_NAME = ".lock"
 # What makes a folder hold a run: a fresh start there would overwrite it.
@@ -75,7 +76,7 @@ def _write_holder(handle: int, run_dir: Path) -> None:
         os.ftruncate(handle, 0)
         os.write(handle, f"{os.getpid()}\n".encode())
     except OSError as error:
-        raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
+        raise cannot_write_folder(run_dir, error) from None
 
 
 def _holder(handle: int) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from cardinal.cli import CardinalError
+from cardinal.fileio import resume_after_mending
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "aim")
 TRACKER_CHOICES = (*TRACKERS, "all")
@@ -87,7 +88,7 @@ def log_epoch(accelerator, trackers: Sequence[str], row: Dict[str, Any], epoch: 
         accelerator.log(metrics_of(row), step=epoch)
     except OSError as error:
         raise CardinalError(f"tracking with {', '.join(trackers)} failed: {error.strerror or error}; the records "
-                            f"of epoch {epoch} are kept; free space, then --resume {run_dir}") from None
+                            f"of epoch {epoch} are kept; {resume_after_mending(run_dir)}") from None
 
 
 def _quiet_writer_threads() -> None:

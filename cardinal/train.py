@@ -67,7 +67,7 @@ from cardinal.engine import (
     synchronize,
     train_epoch,
 )
-from cardinal.fileio import cannot_write, folders_made_for, write_text_atomic
+from cardinal.fileio import cannot_write, cannot_write_folder, folders_made_for, resume_after_mending, write_text_atomic
 from cardinal.models import STEM_INITS, build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
@@ -365,7 +365,7 @@ def run_folder(run_dir: Path, resuming: bool) -> Iterator[Path]:
             probe.write_text("")
             probe.unlink()
         except OSError as error:
-            raise CardinalError(f"cannot write to output folder {run_dir}: {error.strerror or error}") from None
+            raise cannot_write_folder(run_dir, error) from None
         with run_lock(run_dir, remove_on_error=run_dir in created):
             if not resuming and is_main_rank():
                 check_fresh(run_dir)
@@ -710,8 +710,8 @@ def finish(session: Session, records: RunRecords) -> None:
             files = export_model(plain, session.run_dir, "model", input_size=IMAGE_SIZE,
                                  normalization=normalization, average=average)
         except CardinalError as error:
-            raise CardinalError(f"{error}; the run's records and checkpoint are kept: free space or mend the "
-                                f"folder, then --resume {session.run_dir} (it only exports)") from None
+            raise CardinalError(f"{error}; the run's records and checkpoint are kept: "
+                                f"{resume_after_mending(session.run_dir)} (it only exports)") from None
         session.report.line("exported " + ", ".join(str(p) for p in files.written().values()))
     if session.main_process and records.rows:
         session.report.final(records.frame(), session.run_dir)

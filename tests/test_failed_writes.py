@@ -33,7 +33,7 @@ def test_a_tracker_that_cannot_write_is_one_line_saying_what_is_kept(tmp_path):
     with pytest.raises(CardinalError) as error:
         tracking.log_epoch(_FullTracker(), ["tensorboard"], {"epoch": 5, "test_acc": 50.0}, 5, tmp_path / "r")
     assert str(error.value) == ("tracking with tensorboard failed: No space left on device; the records of epoch 5 "
-                                f"are kept; free space, then --resume {tmp_path / 'r'}")
+                                f"are kept; free space or mend the folder, then --resume {tmp_path / 'r'}")
 
 
 def _printed_by_a_dying_thread(thread_class, exception, capsys) -> str:
