@@ -31,6 +31,7 @@ from cardinal.config import CIFAR10_MEAN, STUDY_STD, Recipe
 from cardinal.data import DeviceLoader, Normalize, load_cifar, synthetic_split
 from cardinal.engine import synchronize, train_epoch
 from cardinal.optim import build_optimizer, build_scheduler
+from cardinal.speedups import fused_optimizer
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-sample"
 
@@ -85,7 +86,9 @@ def prepared_model(accelerator, arch, channels_last):
     model = build_model(arch)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, Recipe())
+    # the step cardinal.train takes on this device: fused where it is
+    optimizer = build_optimizer(model, Recipe(), fused=fused_optimizer(accelerator.device.type,
+                                                                      accelerator.mixed_precision))
     return accelerator.prepare(model, optimizer)
 
 

@@ -38,14 +38,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def set_random_gradients(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Gradients laid out as their parameters (channels_last filters included), as backward makes them: the
+    fused CUDA steps refuse a gradient whose layout differs from its parameter's."""
+    for p in model.parameters():
+        p.grad = torch.empty_like(p).normal_(generator=generator).mul_(1e-2)
+
+
 def time_steps(arch: str, optimizer_name: str, device: torch.device, steps: int, repeats: int) -> list:
     """Milliseconds per step, one figure per repeat."""
     model = build_model(arch).to(device).to(memory_format=torch.channels_last)
     recipe = replace(RECIPES["fast"], optimizer=optimizer_name, lr=1e-3)
     optimizer = build_optimizer(model, recipe, fused=fused_optimizer(device.type, "bf16"))
-    generator = torch.Generator(device=device).manual_seed(0)
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=generator, device=device) * 1e-2
+    set_random_gradients(model, torch.Generator(device=device).manual_seed(0))
     for _ in range(3):
         optimizer.step()
     timings = []

@@ -1,3 +1,4 @@
+import importlib
 import itertools
 import json
 import math
@@ -330,12 +331,17 @@ def test_gpu_scripts_refuse_a_folder_that_already_holds_results(tmp_path, script
     assert [p.name for p in tmp_path.iterdir()] == ["earlier.log"]
 
 
-def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
+def benchmark_script(name: str):
+    """A script of benchmarks/ imported as a module (the folder is not a package)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        import gpu_speed_report as report
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
+    report = benchmark_script("gpu_speed_report")
     log = ["100.0 Epoch   loss    acc", "100.5     1 2.3219  10.31 2.2926  14.00  0.0229    17.8",
            "103.5     2 2.2759  14.38 2.2873   9.00  0.0125    20.5", "103.6 exported model.pt2",
            "107.0     3 2.2472  15.62 2.2766  14.00 0.00208    21.5", "107.1 │ Epochs │ 3 │"]
@@ -349,11 +355,7 @@ def test_gpu_speed_report_times_each_epoch_from_its_printed_row():
 
 
 def test_gpu_speed_report_sets_fast_default_batch_against_the_fastest_bench_row(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_speed_report as report
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    report = benchmark_script("gpu_speed_report")
     eager, compiled = tmp_path / "eager.csv", tmp_path / "compiled.csv"
     pd.DataFrame([{"arch": "resnet50", "batch": 288, "compiled": False, "cardinal_img_per_s": 12000.0},
                   {"arch": "resnet50", "batch": 512, "compiled": False, "cardinal_img_per_s": 16000.0},
@@ -369,11 +371,7 @@ def test_gpu_speed_report_sets_fast_default_batch_against_the_fastest_bench_row(
 
 
 def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import checkpoint_stall
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    checkpoint_stall = benchmark_script("checkpoint_stall")
     assert checkpoint_stall.main(["--arch", "tiny_resnet", "--ema", "--repeats", "2", "--folder", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "in the loop" in out and "background" in out and "background / in the loop, loop held (best):" in out
@@ -383,11 +381,7 @@ def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_pa
 
 
 def test_layer_step_probe_steps_one_part_at_a_time_and_restores_the_weights():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import layer_step_probe
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    layer_step_probe = benchmark_script("layer_step_probe")
     torch.manual_seed(0)
     model = build_model("tiny_resnet", zero_init_residual=True)
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
@@ -405,12 +399,19 @@ def test_layer_step_probe_steps_one_part_at_a_time_and_restores_the_weights():
 
 
 def test_optimizer_step_benchmark_times_each_optimizer_on_the_real_parameter_groups(capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import optimizer_step
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    optimizer_step = benchmark_script("optimizer_step")
     optimizer_step.main(["--archs", "tiny_resnet", "--steps", "1", "--repeats", "2", "--device", "cpu"])
     rows = [line.split(",") for line in capsys.readouterr().out.splitlines() if line.startswith("optimizer_step,")]
     assert [row[2] for row in rows] == ["sgd", "adamw", "muon"]
     assert all(0 < float(row[3]) <= float(row[4]) for row in rows)  # best <= median, both timed
+
+
+def test_optimizer_step_benchmark_gives_each_gradient_its_parameters_layout():
+    optimizer_step = benchmark_script("optimizer_step")
+    model = build_model("tiny_resnet").to(memory_format=torch.channels_last)
+    model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)).sum().backward()
+    from_backward = {name: p.grad.stride() for name, p in model.named_parameters()}
+    optimizer_step.set_random_gradients(model, torch.Generator().manual_seed(0))
+    assert any(len(stride) == 4 and stride[1] == 1 for stride in from_backward.values())  # channels_last filters
+    for name, p in model.named_parameters():  # the fused CUDA steps refuse any other layout
+        assert p.grad.stride() == p.stride() == from_backward[name], name
