@@ -30,6 +30,7 @@ from torch import nn
 from cardinal.cli import CardinalError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs on a GPU
 AUTO = "auto"
 COMPILE_MODE_CHOICES = (AUTO, *COMPILE_MODES)  # what --compile-mode accepts
 BACKEND_ENV = "CARDINAL_COMPILE_BACKEND"
@@ -42,13 +43,15 @@ Compile = Union[bool, str, None]  # requested: None (decide by device), False, T
 
 
 def resolve_compile(requested: Compile, device_type: str, world: int = 1,
-                    planned_images: Optional[int] = None) -> Union[bool, str]:
+                    planned_images: Optional[int] = None, grad_accum: int = 1) -> Union[bool, str]:
     """False (eager) or the torch.compile mode the run will use.
 
     ``None`` compiles on CUDA when the run plans at least ``COMPILE_PAYS_FROM_IMAGES`` training images
     (``planned_images``: epochs x training images; None: a step with no run around it, as in the bench), or
     wherever an accelerate config asked for a dynamo backend; ``True`` / ``"auto"`` compile with the mode
-    that suits the device and the number of processes.
+    that suits the device, the number of processes and the micro-batches a step takes: CUDA graphs own the
+    gradients a compiled backward makes, and the next micro-batch's replay overwrites them before they are
+    added up, so a run that accumulates gradients (``grad_accum`` > 1) on CUDA compiles without them.
     """
     if requested is None:
         from_accelerate = os.environ.get(ACCELERATE_BACKEND_ENV, "no").lower() not in ("", "no")
@@ -57,9 +60,14 @@ def resolve_compile(requested: Compile, device_type: str, world: int = 1,
     if requested is False:
         return False
     if requested in (True, AUTO):
-        return "reduce-overhead" if device_type == "cuda" and world == 1 else "default"
+        graphs_fit = device_type == "cuda" and world == 1 and grad_accum == 1
+        return "reduce-overhead" if graphs_fit else "default"
     if requested not in COMPILE_MODES:
         raise CardinalError(f"unknown compile mode {requested!r}; choose one of: {', '.join(COMPILE_MODE_CHOICES)}")
+    if requested in CUDA_GRAPH_MODES and device_type == "cuda" and grad_accum > 1:
+        raise CardinalError(f"--compile-mode {requested} captures CUDA graphs, which overwrite each micro-batch's "
+                            f"gradients before --grad-accum {grad_accum} adds them up; use --compile-mode default "
+                            "or max-autotune-no-cudagraphs, or --grad-accum 1")
     return requested
 
 

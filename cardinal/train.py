@@ -220,7 +220,7 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                           "pays; --no-compile to run eagerly)")
     how.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default=AUTO, metavar="MODE",
                      help="torch.compile mode; auto (the default): reduce-overhead (CUDA graphs) for one CUDA "
-                          "process, else default")
+                          "process without --grad-accum, else default")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
     how.add_argument("--max-steps", type=non_negative_int, default=0,
@@ -517,7 +517,8 @@ def set_up(config: TrainConfig, run_dir: Path) -> Session:
     plain = accelerator.unwrap_model(model)
     average = build_average(plain, recipe.ema_decay) if recipe.ema_decay > 0 else None
     config = replace(config, compile=resolve_compile(config.compile, device.type, world,
-                                                     planned_images=recipe.epochs * len(train_labels)))
+                                                     planned_images=recipe.epochs * len(train_labels),
+                                                     grad_accum=config.grad_accum))
     step_model = compile_model(model, plain, config.compile) if config.compile else None  # around DDP
     normalize = Normalize(recipe.mean, recipe.std, device, config.channels_last)
     loader = DeviceLoader(train_images, train_labels, recipe.batch_size, normalize, device,

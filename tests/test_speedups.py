@@ -66,6 +66,18 @@ def test_an_accelerate_config_that_asks_for_dynamo_compiles_by_default(monkeypat
     assert resolve_compile(None, "cpu") is False
 
 
+def test_gradient_accumulation_on_cuda_compiles_without_cuda_graphs(no_compile_env):
+    # a replay of the captured backward overwrites the gradients of the micro-batch before it
+    assert resolve_compile(True, "cuda", 1, grad_accum=2) == "default"
+    assert resolve_compile(None, "cuda", 1, planned_images=COMPILE_PAYS_FROM_IMAGES, grad_accum=4) == "default"
+    assert resolve_compile(True, "cuda", 1, grad_accum=1) == "reduce-overhead"
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(CardinalError, match=f"--compile-mode {mode} captures CUDA graphs.*--grad-accum 2"):
+            resolve_compile(mode, "cuda", 1, grad_accum=2)
+        assert resolve_compile(mode, "cpu", 1, grad_accum=2) == mode  # no graphs off CUDA
+    assert resolve_compile("max-autotune-no-cudagraphs", "cuda", 1, grad_accum=2) == "max-autotune-no-cudagraphs"
+
+
 def test_unknown_mode_is_a_user_error():
     with pytest.raises(CardinalError, match="unknown compile mode"):
         resolve_compile("turbo", "cuda")
