@@ -121,12 +121,28 @@ def read_trainer_state(run_dir: Path) -> Optional[Dict[str, Any]]:
     return state
 
 
-def rng_state() -> Dict[str, Any]:
-    """This process's random generators, saved beside the checkpoint so a resume draws the same numbers."""
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """This process's random generators, saved beside the checkpoint so a resume draws the same numbers: the
+    CPU's and its own GPU's only, so a resume that sees fewer or other GPUs still fits."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
+
+
+def own_cuda_rng(saved: Any, index: int) -> Optional[torch.Tensor]:
+    """This process's GPU generator state from a checkpoint's ``cuda`` entry: one state, or, in checkpoints of
+    earlier versions, one per visible GPU (None when this GPU's index lies beyond them)."""
+    if isinstance(saved, (list, tuple)):
+        return saved[index] if index < len(saved) else None
+    return saved
+
+
+def restore_rng(saved: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(saved["cpu"])
+    cuda = own_cuda_rng(saved["cuda"], device.index or 0) if "cuda" in saved and device.type == "cuda" else None
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _load(path: Path, device) -> Any:
@@ -161,9 +177,7 @@ def load_checkpoint(accelerator, model, optimizer, run_dir: Path, average=None) 
         if average_state is not None:
             average.load_state_dict(average_state)
         if saved_rng is not None:
-            torch.set_rng_state(saved_rng["cpu"])
-            if "cuda" in saved_rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(saved_rng["cuda"])
+            restore_rng(saved_rng, accelerator.device)
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CardinalError(f"cannot resume from {folder}: its state does not fit this run ({reason})") from None

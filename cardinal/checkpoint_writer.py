@@ -114,7 +114,7 @@ class CheckpointWriter:
             if main:
                 staging.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            save_file(rng_state(), staging / rng_file(accelerator.process_index))
+            save_file(rng_state(accelerator.device), staging / rng_file(accelerator.process_index))
         except (OSError, RuntimeError) as error:
             raise self._failed(error) from None
         accelerator.wait_for_everyone()

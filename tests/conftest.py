@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from cifar_fixture import write_cifar10
 
@@ -171,6 +172,7 @@ class OneProcess:
     process_index = 0
     num_processes = 1
     scaler = None
+    device = torch.device("cpu")
 
     def wait_for_everyone(self):
         pass

@@ -195,3 +195,12 @@ def test_eval_only_of_a_checkpoint_reports_its_average_beside_the_model(straight
     last = pd.read_csv(run_dir / "epochs.csv").iloc[-1]
     assert result["test_acc"] == pytest.approx(last["test_acc"]) and result["test_images"] == 64
     assert result["test_acc_ema"] == pytest.approx(last["test_acc_ema"])
+
+
+def test_a_process_saves_and_restores_only_its_own_gpus_generator():
+    assert set(checkpoint.rng_state(torch.device("cpu"))) == {"cpu"}
+    one, other = torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)
+    assert checkpoint.own_cuda_rng(one, 3) is one  # this version's: the process's own GPU only
+    # earlier checkpoints kept every visible GPU's: a resume takes its own, or none when it sees more GPUs
+    assert checkpoint.own_cuda_rng([one, other], 1) is other
+    assert checkpoint.own_cuda_rng([one, other], 2) is None
