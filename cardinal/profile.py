@@ -29,7 +29,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -257,8 +257,22 @@ class Peak:
 
 
 def measure_peak(device: torch.device, precision: str, repeats: int = 5, min_seconds: float = 0.1) -> Peak:
-    """Best of ``repeats`` timings of a square matmul in the step's precision, grown until one takes a while."""
-    dtype = PRECISIONS[precision]
+    """Best of ``repeats`` timings of a square matmul in the step's precision, grown until one takes a while.
+
+    An fp32 step's convolutions run on a GPU's TF32 units wherever cuDNN allows them (torch's default), so the
+    peak they are held against is the matmul's with TF32 allowed alike; else a convolution could show more
+    than 100% of a strict-fp32 peak."""
+    tf32 = device.type == "cuda" and PRECISIONS[precision] == torch.float32 and torch.backends.cudnn.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    earlier, matmul.allow_tf32 = matmul.allow_tf32, matmul.allow_tf32 or tf32
+    try:
+        peak = _time_matmul_peak(device, PRECISIONS[precision], repeats, min_seconds)
+    finally:
+        matmul.allow_tf32 = earlier
+    return replace(peak, dtype="tf32") if tf32 else peak
+
+
+def _time_matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int, min_seconds: float) -> Peak:
     size, largest = 256, (16384 if device.type == "cuda" else 4096)
 
     def timed(a: torch.Tensor, b: torch.Tensor, count: int) -> float:

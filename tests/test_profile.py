@@ -211,3 +211,35 @@ def test_profiling_on_the_cpu_prints_nothing_on_stderr(capfd):
     with profile.native_noise_filtered(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         torch.ones(4).add_(1)
     assert capfd.readouterr().err == ""
+
+
+def test_an_fp32_step_on_a_gpu_is_held_against_a_tf32_peak_as_its_convolutions_run(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    earlier, matmul.allow_tf32 = matmul.allow_tf32, False  # a flag object monkeypatch cannot restore
+    try:
+        _peak_follows_cudnns_tf32(monkeypatch, matmul)
+    finally:
+        matmul.allow_tf32 = earlier
+
+
+def _peak_follows_cudnns_tf32(monkeypatch, matmul):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen = []
+
+    def timed(device, dtype, repeats, min_seconds):
+        seen.append((dtype, matmul.allow_tf32))
+        return profile.Peak(100.0, 4096, str(dtype).removeprefix("torch."))
+
+    monkeypatch.setattr(profile, "_time_matmul_peak", timed)
+    assert profile.measure_peak(torch.device("cuda"), "no").dtype == "tf32"
+    assert profile.measure_peak(torch.device("cuda"), "bf16").dtype == "bfloat16"
+    assert profile.measure_peak(torch.device("cpu"), "no").dtype == "float32"
+    assert seen == [(torch.float32, True), (torch.bfloat16, False), (torch.float32, False)]
+    assert matmul.allow_tf32 is False  # restored
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # strict fp32 convolutions: a strict peak
+    assert profile.measure_peak(torch.device("cuda"), "no").dtype == "float32"
+
+
+def test_the_peak_on_a_cpu_is_a_timed_matmul_in_the_steps_precision():
+    peak = profile.measure_peak(torch.device("cpu"), "no", repeats=1, min_seconds=0.001)
+    assert peak.dtype == "float32" and peak.size >= 256 and peak.tflop_per_s > 0
