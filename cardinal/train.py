@@ -792,12 +792,26 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
     return 0
 
 
+_LAST_BARRIER: list = []  # see _meet_before_leaving
+
+
+def _meet_before_leaving() -> None:
+    """Wait for every rank, and keep the barrier until the interpreter exits. A DistributedDataParallel model
+    keeps its process group, and so gloo's worker threads, alive past destroy_process_group; a barrier one
+    of those threads lets go of last frees the collectives' tensors before it, which takes the GIL, and at
+    interpreter exit that aborts the process ("terminate called without an active exception", seen with
+    torch 2.11 on a loaded CPU). Held here, the barrier is freed by the exiting interpreter itself."""
+    work = torch.distributed.barrier(async_op=True)
+    work.wait()
+    _LAST_BARRIER.append(work)
+
+
 def _close(accelerator, clean: bool) -> None:
     """End trackers; after a clean run also leave the process group together (a rank exiting with it open
     can abort the launch). After an error other ranks may be mid-step, so nothing waits for them."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if clean and distributed:
-        accelerator.wait_for_everyone()
+        _meet_before_leaving()
     try:
         accelerator.end_training()  # also leaves the process group (accelerate >= 1.x)
     except Exception as error:

@@ -332,3 +332,26 @@ def test_init_weights_of_another_arch_is_one_line(tmp_path, capsys):
     code, err = _run_cli([*TINY, *SYNTHETIC, "--init-weights", str(tmp_path / "w.pt"), "--output-dir",
                           str(tmp_path / "o")], capsys)
     _one_line(code, err, "does not match", "tiny_resnet")
+
+
+def test_a_clean_run_meets_the_other_ranks_then_leaves_the_process_group_keeping_the_barrier():
+    import torch
+
+    class Ending:
+        ended = False
+
+        def end_training(self):
+            self.ended = True
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    kept = len(train_module._LAST_BARRIER)
+    accelerator = Ending()
+    try:
+        train_module._close(accelerator, clean=True)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            pytest.fail("the process group was left open")
+    assert accelerator.ended
+    # the barrier lives as long as the process, so no gloo worker thread is the one to free it at exit
+    assert len(train_module._LAST_BARRIER) == kept + 1 and train_module._LAST_BARRIER[-1].is_completed()
