@@ -12,11 +12,12 @@
 #   speed/   benchmarks/gpu_speed.sh, alone on the GPU for SPEED_S seconds: SPEED_STEPS (the eager bench of
 #            fast's default batch beside 128 and 512, one eager cardinal.train run's epoch wall against its
 #            training time, a checkpoint's stall, the optimizer steps)
-#   recipe/  benchmarks/gpu_recipe.sh: fast at 1, 5 and 10 epochs and seed for 10, 3 seeds, plus TUNE on a
-#            validation split (twice the rule's peak at 10 and 5 epochs, four times it at 5); at the same
-#            time, pair/: gpu_speed.sh's compiled-and-eager accuracy pair (PAIR_SEEDS "0 1"; PAIR=0 leaves
-#            it out). Both stop at the budget's end; finished epochs stay in each epochs.csv.
-#   OUTPUT_DIR/summary.txt, and OUTPUT_DIR.tgz: logs, CSVs, config.json and summaries, no data, no checkpoints
+#   recipe/  benchmarks/gpu_recipe.sh: fast at 1, 5 and 10 epochs and seed for 10, 3 seeds (the acceptance
+#            core), plus TUNE on a validation split if given; at the same time, with PAIR=1, pair/:
+#            gpu_speed.sh's compiled-and-eager accuracy pair (PAIR_SEEDS "0 1"). Both stop at the budget's
+#            end; finished epochs stay in each epochs.csv.
+#   OUTPUT_DIR/summary.txt, and OUTPUT_DIR.tgz: logs, CSVs, config.json and summaries, no data, no checkpoints;
+#   both are written once the speed part is done too, so a call cut short still has something to copy
 #
 # Environment (all optional; the sub-scripts' own variables, e.g. ARCHS, FAST_EPOCHS, SEEDS, TUNE, pass
 # through to them):
@@ -27,9 +28,11 @@
 #   DATA_DIR, JPEG_TOOL (../shared/tools/cifar10_jpeg.py beside the repository), PYTHON (python)
 #   DRY_RUN=1    the sub-scripts' tiny, synthetic, CPU settings
 #
-# Sizing (an estimate): the default plan trains about 4.8 million resnet50 images (fast 1.9, seed 1.2, tune
-# 1.2, pair 0.5); 16 runs side by side on one H200 trained about 11,000 img/s together, so the plan fills
-# the 400 s or so that the default budget leaves after the speed part. What does not finish keeps its epochs.
+# Sizing (an estimate): the default plan trains about 3.1 million resnet50 images (fast 1.9, seed 1.2); 16
+# runs side by side on one H200 trained about 11,000 img/s together, so it needs about 285 s of the 340 s or
+# so that the default budget leaves after the speed part. The tune (TUNE, 1.2 million images as the README
+# sets it) and the pair (0.5 million, and two compilations) do not fit beside it: they take slots of their
+# own. A fast run cut short is lost (its schedule spans the run); a seed run keeps its finished epochs.
 set -u
 set -o pipefail
 
@@ -44,7 +47,7 @@ BUDGET_S=${BUDGET_S:-560}
 SPEED_S=${SPEED_S:-140}
 SPEED_STEPS=${SPEED_STEPS:-bench-eager epoch-wall checkpoint-stall optimizer-step}
 GIB_PER_RUN=${GIB_PER_RUN:-8.5}
-PAIR=${PAIR:-1}
+PAIR=${PAIR:-$DRY_RUN}  # the pair has a slot of its own; a dry run tries it too
 PAIR_SEEDS=${PAIR_SEEDS:-0 1}
 JPEG_TOOL=${JPEG_TOOL:-$REPO/../shared/tools/cifar10_jpeg.py}
 for value in "$BUDGET_S" "$SPEED_S"; do
@@ -58,6 +61,21 @@ fresh_folder "$1"
 OUT=$(cd "$1" && pwd)
 STARTED=$SECONDS
 left_s() { echo $((BUDGET_S - (SECONDS - STARTED))); }
+write_summary_and_archive() {  # OUTPUT_DIR/summary.txt and OUTPUT_DIR.tgz from what is there now
+    {
+        cat "$OUT/environment.txt"
+        for part in speed pair; do
+            [ -f "$OUT/$part/summary.txt" ] && { echo; echo "=== $part ==="; cat "$OUT/$part/summary.txt"; }
+        done
+        for part in study tune sample; do
+            [ -f "$OUT/recipe/$part-summary.md" ] && { echo; echo "=== recipe: $part ==="; cat "$OUT/recipe/$part-summary.md"; }
+        done
+        echo
+        echo "total: $((SECONDS - STARTED)) s"
+    } >"$OUT/summary.txt"
+    tar -czf "$OUT.tgz" -C "$(dirname "$OUT")" --exclude=data --exclude=checkpoint --exclude='.checkpoint.*' \
+        --exclude='*.pt' --exclude='*.pt2' --exclude='*.ts' --exclude=.lock "$(basename "$OUT")"
+}
 export PYTHON DRY_RUN
 
 # --- what runs where, and the data ---------------------------------------------------------------------
@@ -73,7 +91,7 @@ if [ "$DRY_RUN" != 1 ]; then
     export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS-1 5 10} SEEDS=${SEEDS:-0 1 2}
     export SEED_EPOCHS=${SEED_EPOCHS-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
     export REFERENCE_ARCHS=${REFERENCE_ARCHS- } TUNE_SEEDS=${TUNE_SEEDS:-0}
-    export TUNE=${TUNE-resnet50 10 --lr 0.016; resnet50 5 --lr 0.016; resnet50 5 --lr 0.032}
+    export TUNE=${TUNE-}
     # runs at once: as many as the GPU's memory holds, less the pair's (two per seed)
     pair_runs=0
     [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "$PAIR_SEEDS")))
@@ -87,6 +105,7 @@ echo "gpu_session: budget $BUDGET_S s (speed $SPEED_S s), output in $OUT" | tee 
 ARCHS=${SPEED_ARCHS:-${ARCHS:-}} ONLY=$SPEED_STEPS TOTAL_S=$SPEED_S WALL_FLAGS=${WALL_FLAGS:---no-compile} \
     bash "$REPO/benchmarks/gpu_speed.sh" "$OUT/speed" >"$OUT/speed.log" 2>&1
 echo "gpu_session: speed exit $? after $((SECONDS - STARTED)) s"
+write_summary_and_archive  # what there is so far, should the call be cut short
 
 # --- accuracy, side by side, until the budget's end (less a minute for summaries and the archive) --------
 RUNS_S=$(( $(left_s) - 60 ))
@@ -105,17 +124,5 @@ if [ -n "$pair_pid" ]; then
 fi
 
 # --- one summary, one archive ----------------------------------------------------------------------------
-{
-    cat "$OUT/environment.txt"
-    for part in speed pair; do
-        [ -f "$OUT/$part/summary.txt" ] && { echo; echo "=== $part ==="; cat "$OUT/$part/summary.txt"; }
-    done
-    for part in study tune sample; do
-        [ -f "$OUT/recipe/$part-summary.md" ] && { echo; echo "=== recipe: $part ==="; cat "$OUT/recipe/$part-summary.md"; }
-    done
-    echo
-    echo "total: $((SECONDS - STARTED)) s"
-} >"$OUT/summary.txt"
-tar -czf "$OUT.tgz" -C "$(dirname "$OUT")" --exclude=data --exclude=checkpoint --exclude='.checkpoint.*' \
-    --exclude='*.pt' --exclude='*.pt2' --exclude='*.ts' --exclude=.lock "$(basename "$OUT")"
+write_summary_and_archive
 echo "gpu_session: $OUT/summary.txt; archive $OUT.tgz ($(du -h "$OUT.tgz" | cut -f1))"

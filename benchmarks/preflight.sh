@@ -25,9 +25,10 @@ fresh_folder() {
 }
 
 # What ran where: the date, cardinal's commit, torch and accelerate, each visible GPU (the head of a report).
+# A copy of the tree without its git history (a remote machine's) names its commit in CARDINAL_COMMIT.
 describe_environment() {
     echo "date: $(date '+%Y-%m-%d %H:%M:%S')"
-    echo "cardinal: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "cardinal: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${CARDINAL_COMMIT:-unknown}")"
     "$PYTHON" -c 'import torch, accelerate
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), accelerate {accelerate.__version__}")
 for i in range(torch.cuda.device_count()):
