@@ -73,8 +73,10 @@ write_summary_and_archive() {  # OUTPUT_DIR/summary.txt and OUTPUT_DIR.tgz from 
         echo
         echo "total: $((SECONDS - STARTED)) s"
     } >"$OUT/summary.txt"
-    tar -czf "$OUT.tgz" -C "$(dirname "$OUT")" --exclude=data --exclude=checkpoint --exclude='.checkpoint.*' \
-        --exclude='*.pt' --exclude='*.pt2' --exclude='*.ts' --exclude=.lock "$(basename "$OUT")"
+    # a whole archive replaces the earlier one, or none does
+    tar -czf "$OUT.tgz.partial" -C "$(dirname "$OUT")" --exclude=data --exclude=checkpoint \
+        --exclude='.checkpoint.*' --exclude='*.pt' --exclude='*.pt2' --exclude='*.ts' --exclude=.lock \
+        "$(basename "$OUT")" && mv "$OUT.tgz.partial" "$OUT.tgz"
 }
 export PYTHON DRY_RUN
 

@@ -140,7 +140,10 @@ def own_cuda_rng(saved: Any, index: int) -> Optional[torch.Tensor]:
 
 def restore_rng(saved: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(saved["cpu"])
-    cuda = own_cuda_rng(saved["cuda"], device.index or 0) if "cuda" in saved and device.type == "cuda" else None
+    if "cuda" not in saved or device.type != "cuda":
+        return
+    index = torch.cuda.current_device() if device.index is None else device.index  # as get_rng_state reads it
+    cuda = own_cuda_rng(saved["cuda"], index)
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
 

@@ -65,9 +65,10 @@ def resolve_compile(requested: Compile, device_type: str, world: int = 1,
     if requested not in COMPILE_MODES:
         raise CardinalError(f"unknown compile mode {requested!r}; choose one of: {', '.join(COMPILE_MODE_CHOICES)}")
     if requested in CUDA_GRAPH_MODES and device_type == "cuda" and grad_accum > 1:
-        raise CardinalError(f"--compile-mode {requested} captures CUDA graphs, which overwrite each micro-batch's "
-                            f"gradients before --grad-accum {grad_accum} adds them up; use --compile-mode default "
-                            "or max-autotune-no-cudagraphs, or --grad-accum 1")
+        raise CardinalError(f"compile mode {requested} (--compile-mode, or a resumed run's config.json) captures "
+                            "CUDA graphs, which overwrite each micro-batch's gradients before --grad-accum "
+                            f"{grad_accum} adds them up; use --compile-mode default or max-autotune-no-cudagraphs, "
+                            "or --grad-accum 1")
     return requested
 
 

@@ -220,7 +220,8 @@ def build_parser(suppress_defaults: bool = False) -> ArgumentParser:
                           "pays; --no-compile to run eagerly)")
     how.add_argument("--compile-mode", choices=COMPILE_MODE_CHOICES, default=AUTO, metavar="MODE",
                      help="torch.compile mode; auto (the default): reduce-overhead (CUDA graphs) for one CUDA "
-                          "process without --grad-accum, else default")
+                          "process with --grad-accum 1, else default (CUDA graphs and --grad-accum above 1 "
+                          "do not mix: reduce-overhead and max-autotune are refused there)")
     how.add_argument("--sync-bn", action="store_true", help="batch-norm statistics over all processes")
     how.add_argument("--eval-batch-size", type=positive_int, default=512, help="evaluation batch per process")
     how.add_argument("--max-steps", type=non_negative_int, default=0,
@@ -795,15 +796,18 @@ def train(config: TrainConfig, resume_dir: Optional[Path] = None, eval_only: boo
 _LAST_BARRIER: list = []  # see _meet_before_leaving
 
 
-def _meet_before_leaving() -> None:
-    """Wait for every rank, and keep the barrier until the interpreter exits. A DistributedDataParallel model
-    keeps its process group, and so gloo's worker threads, alive past destroy_process_group; a barrier one
-    of those threads lets go of last frees the collectives' tensors before it, which takes the GIL, and at
-    interpreter exit that aborts the process ("terminate called without an active exception", seen with
+def _meet_before_leaving(accelerator) -> None:
+    """Wait for every rank. Under gloo, keep the barrier until the interpreter exits: a DistributedDataParallel
+    model keeps its process group, and so gloo's worker threads, alive past destroy_process_group; a barrier
+    one of those threads lets go of last frees the collectives' tensors before it, which takes the GIL, and
+    at interpreter exit that aborts the process ("terminate called without an active exception", seen with
     torch 2.11 on a loaded CPU). Held here, the barrier is freed by the exiting interpreter itself."""
+    if torch.distributed.get_backend() != "gloo":
+        accelerator.wait_for_everyone()  # NCCL's barrier there names this process's GPU
+        return
     work = torch.distributed.barrier(async_op=True)
     work.wait()
-    _LAST_BARRIER.append(work)
+    _LAST_BARRIER[:] = [work]  # an earlier run's barrier (one interpreter, several runs) goes now, safely
 
 
 def _close(accelerator, clean: bool) -> None:
@@ -811,7 +815,7 @@ def _close(accelerator, clean: bool) -> None:
     can abort the launch). After an error other ranks may be mid-step, so nothing waits for them."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if clean and distributed:
-        _meet_before_leaving()
+        _meet_before_leaving(accelerator)
     try:
         accelerator.end_training()  # also leaves the process group (accelerate >= 1.x)
     except Exception as error:

@@ -204,3 +204,10 @@ def test_a_process_saves_and_restores_only_its_own_gpus_generator():
     # earlier checkpoints kept every visible GPU's: a resume takes its own, or none when it sees more GPUs
     assert checkpoint.own_cuda_rng([one, other], 1) is other
     assert checkpoint.own_cuda_rng([one, other], 2) is None
+
+
+def test_restoring_the_saved_generators_draws_the_same_numbers_again():
+    saved = checkpoint.rng_state(torch.device("cpu"))
+    first = torch.rand(4)
+    checkpoint.restore_rng({**saved, "cuda": [torch.zeros(1)]}, torch.device("cpu"))  # a GPU's state: not here
+    assert torch.equal(torch.rand(4), first)

@@ -72,7 +72,7 @@ def test_gradient_accumulation_on_cuda_compiles_without_cuda_graphs(no_compile_e
     assert resolve_compile(None, "cuda", 1, planned_images=COMPILE_PAYS_FROM_IMAGES, grad_accum=4) == "default"
     assert resolve_compile(True, "cuda", 1, grad_accum=1) == "reduce-overhead"
     for mode in ("reduce-overhead", "max-autotune"):
-        with pytest.raises(CardinalError, match=f"--compile-mode {mode} captures CUDA graphs.*--grad-accum 2"):
+        with pytest.raises(CardinalError, match=f"compile mode {mode} .*captures CUDA graphs.*--grad-accum 2"):
             resolve_compile(mode, "cuda", 1, grad_accum=2)
         assert resolve_compile(mode, "cpu", 1, grad_accum=2) == mode  # no graphs off CUDA
     assert resolve_compile("max-autotune-no-cudagraphs", "cuda", 1, grad_accum=2) == "max-autotune-no-cudagraphs"
@@ -300,3 +300,25 @@ def test_a_compiled_two_process_run_matches_an_eager_one_and_resumes_to_it(tmp_p
     compared = [c for c in eager.columns if c not in TIMING_COLUMNS + ("run_name", "command", "compiled")]
     pd.testing.assert_frame_equal(resumed[compared], eager[compared], check_exact=False, rtol=1e-5)
     assert list(resumed["warm_up"]) == [True, True] and resumed["compiled"].eq("default").all()
+
+
+def test_a_run_decides_its_compile_mode_knowing_its_micro_batches(tmp_path, monkeypatch):
+    import cardinal.threads
+    import cardinal.train as train_module
+
+    seen = {}
+
+    class Decided(Exception):
+        pass
+
+    def deciding(requested, device_type, world=1, planned_images=None, grad_accum=1):
+        seen.update(requested=requested, grad_accum=grad_accum, planned_images=planned_images)
+        raise Decided
+
+    monkeypatch.setattr(train_module, "resolve_compile", deciding)
+    monkeypatch.setattr(cardinal.threads, "use_cpu_threads", lambda processes: None)  # the suite's threads stay
+    args = [*TINY, *SYNTHETIC, "--epochs", "2", "--grad-accum", "2", "--compile"]
+    config = config_from_args(build_parser().parse_args(args))
+    with pytest.raises(Decided):
+        train_module.set_up(config, tmp_path / "run")
+    assert seen == {"requested": "auto", "grad_accum": 2, "planned_images": 2 * 600}
