@@ -81,6 +81,14 @@ def write_text_atomic(path: os.PathLike | str, text: str) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def write_text_or_raise(path: os.PathLike | str, text: str) -> None:
+    """``write_text_atomic`` for a file the user asked for: a failed write is the one line naming the file."""
+    try:
+        write_text_atomic(path, text)
+    except OSError as error:
+        raise cannot_write(path, error) from None
+
+
 def write_bytes_atomic(path: os.PathLike | str, data: bytes) -> None:
     """Write, flush to disk, then swap in: a full disk fails here and leaves the old file as it was."""
     with atomic_target(path) as temp:

@@ -30,7 +30,7 @@ from cardinal.checkpoint import read_trainer_state
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run, seed_int
 from cardinal.config import RECIPES, Recipe, TrainConfig
 from cardinal.data import DATASET_CHOICES
-from cardinal.fileio import cannot_write, write_text_atomic
+from cardinal.fileio import write_text_or_raise
 from cardinal.models import list_archs
 from cardinal.records import CONFIG_NAME
 
@@ -289,10 +289,7 @@ def write_study_record(args, runs: Sequence[PlannedRun], extra: Sequence[str]) -
     record = {"archs": unique(args.archs), "seeds": unique(args.seeds), "epochs": unique(args.epochs),
               "recipes": unique(args.recipes), "dataset": args.dataset, "launcher": args.launcher,
               "train_args": list(extra), "runs": [planned.name for planned in runs]}
-    try:
-        write_text_atomic(path, json.dumps(record, indent=2))
-    except OSError as error:
-        raise cannot_write(path, error) from None
+    write_text_or_raise(path, json.dumps(record, indent=2))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

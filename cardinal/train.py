@@ -67,7 +67,7 @@ from cardinal.engine import (
     synchronize,
     train_epoch,
 )
-from cardinal.fileio import cannot_write, cannot_write_folder, folders_made_for, resume_after_mending, write_text_atomic
+from cardinal.fileio import cannot_write_folder, folders_made_for, resume_after_mending, write_text_or_raise
 from cardinal.models import STEM_INITS, build_model, list_archs
 from cardinal.optim import Schedule, ScheduledLR, build_optimizer, build_schedule
 from cardinal.records import CONFIG_NAME, CSV_NAME, ConsoleReport, RunRecords, epoch_row
@@ -692,10 +692,7 @@ def evaluate_only(session: Session) -> None:
     if averaged is not None:
         summary["test_acc_ema"] = averaged.accuracy
     if session.main_process:
-        try:
-            write_text_atomic(session.run_dir / EVAL_NAME, json.dumps(summary, indent=2))
-        except OSError as error:
-            raise cannot_write(session.run_dir / EVAL_NAME, error) from None
+        write_text_or_raise(session.run_dir / EVAL_NAME, json.dumps(summary, indent=2))
     shown = {k: v for k, v in summary.items() if k not in ("weights", "mean", "std", "arch", "dataset")}
     session.report.line(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
     session.report.line(f"wrote {session.run_dir / EVAL_NAME}")
@@ -722,10 +719,7 @@ def finish(session: Session, records: RunRecords) -> None:
 def write_config(session: Session, config: TrainConfig) -> None:
     if not session.main_process:
         return
-    try:
-        write_text_atomic(session.run_dir / CONFIG_NAME, config.to_json())
-    except OSError as error:
-        raise cannot_write(session.run_dir / CONFIG_NAME, error) from None
+    write_text_or_raise(session.run_dir / CONFIG_NAME, config.to_json())
 
 
 def previous_rows(session: Session, progress: Progress):

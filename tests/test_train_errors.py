@@ -8,6 +8,7 @@ import pickle
 import pandas as pd
 import pytest
 
+import cardinal.fileio
 import cardinal.train as train_module
 from cardinal.cli import run
 from cardinal.engine import NonFiniteLoss
@@ -232,7 +233,7 @@ def test_full_disk_during_checkpoint_save_keeps_the_previous_one(finished_run, c
 
 @pytest.mark.slow
 def test_full_disk_during_config_write_is_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train_module, "write_text_atomic", _no_space)
+    monkeypatch.setattr(cardinal.fileio, "write_text_atomic", _no_space)
     argv = [*TINY, *SYNTHETIC, "--epochs", "1", "--output-dir", str(tmp_path), "--run-name", "r"]
     _one_line(*_run_cli(argv, capsys), "config.json", "No space left")
     assert not (tmp_path / "r").exists()
@@ -295,7 +296,7 @@ def test_full_disk_during_the_records_write_is_one_line_and_the_run_resumes(tmp_
 
 @pytest.mark.slow
 def test_full_disk_during_the_eval_only_result_is_one_line(finished_run, capsys, monkeypatch):
-    monkeypatch.setattr(train_module, "write_text_atomic", _no_space)
+    monkeypatch.setattr(cardinal.fileio, "write_text_atomic", _no_space)
     code, err = _run_cli(["--resume", str(finished_run), "--eval-only"], capsys)
     _one_line(code, err, f"cannot write {finished_run / 'eval.json'}: No space left on device")
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cardinal.cli import ArgumentParser, CardinalError, positive_int, run
-from cardinal.fileio import cannot_write, write_text_atomic
+from cardinal.fileio import write_text_or_raise
 from cardinal.records import check_output_file
 from cardinal.summary import Summary, summarize
 from cardinal.summary.plot import plot, require_matplotlib
@@ -63,10 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = render(summary, args.format, args.everything)
     print(text, end="")
     if args.output is not None:
-        try:
-            write_text_atomic(args.output, text)
-        except OSError as error:
-            raise cannot_write(args.output, error) from None
+        write_text_or_raise(args.output, text)
     if args.plot is not None:
         plot(summary, args.plot)
         print(f"plot written to {args.plot}")
