@@ -366,8 +366,12 @@ def test_gpu_speed_report_sets_fast_default_batch_against_the_fastest_bench_row(
     lines = report.default_batch_lines([str(eager), str(compiled), str(tmp_path / "absent.csv")], 288)
     assert lines == [
         "  resnet50: fast's default batch 288, eager, 12000 img/s = 0.50x the fastest bench row (batch 512, "
-        "compiled (reduce-overhead), 24000 img/s; goal >= 0.8x)",
+        "compiled (reduce-overhead), 24000 img/s; goal >= 0.8x); 0.75x the fastest eager row (batch 512, "
+        "16000 img/s)",
         "  resnext50_32x4d: batch 288 was not benched eagerly"]
+    lines = report.default_batch_lines([str(eager)], 288)  # the fastest row is eager: one comparison
+    assert lines[0] == ("  resnet50: fast's default batch 288, eager, 12000 img/s = 0.75x the fastest bench row "
+                        "(batch 512, eager, 16000 img/s; goal >= 0.8x)")
 
 
 def test_checkpoint_stall_benchmark_saves_both_ways_and_reports_the_ratio(tmp_path, capsys):
