@@ -24,7 +24,8 @@
 #   BUDGET_S     seconds for the whole session (560)       SPEED_S   seconds for the speed part (140)
 #   SPEED_STEPS  gpu_speed.sh steps run alone ("bench-eager epoch-wall checkpoint-stall optimizer-step")
 #   SPEED_ARCHS  architectures of the speed part's benches and profile (default: ARCHS)
-#   GIB_PER_RUN  GPU memory planned per training run when sizing JOBS (8.5; 16 runs fitted one H200)
+#   GIB_PER_RUN  GPU memory planned per training run when sizing JOBS (8.5; 16 runs fitted one H200); where
+#                fewer than 16 fit (an H100), FAST_EPOCHS defaults to "1 5" (see Sizing)
 #   DATA_DIR, JPEG_TOOL (../shared/tools/cifar10_jpeg.py beside the repository), PYTHON (python)
 #   DRY_RUN=1    the sub-scripts' tiny, synthetic, CPU settings
 #
@@ -32,7 +33,8 @@
 # runs side by side on one H200 trained about 11,000 img/s together, so it needs about 285 s of the 340 s or
 # so that the default budget leaves after the speed part. The tune (TUNE, 1.2 million images as the README
 # sets it) and the pair (0.5 million, and two compilations) do not fit beside it: they take slots of their
-# own. A fast run cut short is lost (its schedule spans the run); a seed run keeps its finished epochs.
+# own. A fast run cut short is lost (its schedule spans the run); a seed run keeps its finished epochs. On a
+# GPU that holds fewer runs at once (9 on an H100's 80 GB) the 10-epoch fast runs are left out by default.
 set -u
 set -o pipefail
 
@@ -89,17 +91,25 @@ if [ "$DRY_RUN" != 1 ]; then
         "$PYTHON" "$JPEG_TOOL" "$DATA_DIR" >"$OUT/data.log" 2>&1 || refuse "making the data failed: see $OUT/data.log"
     fi
     export DATA_DIR
+    RUNS_FIT=$("$PYTHON" -c "import torch
+print(int(torch.cuda.get_device_properties(0).total_memory / 2**30 / $GIB_PER_RUN))") ||
+        refuse "cannot read the GPU's memory with $PYTHON"
+    # fast's 10-epoch runs finish in the budget only beside 16 runs at once (an H200's memory); with fewer
+    # (an H100's 80 GB holds 9) they would be cut short and lost, so the default plan leaves them out there
+    default_fast_epochs="1 5 10"
+    [ "$RUNS_FIT" -ge 16 ] || default_fast_epochs="1 5"
     # the study as the README reads it: fast and seed in the same precision, resnet50, one 10-epoch seed run
-    export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS-1 5 10} SEEDS=${SEEDS:-0 1 2}
+    export ARCHS=${ARCHS:-resnet50} FAST_EPOCHS=${FAST_EPOCHS-$default_fast_epochs} SEEDS=${SEEDS:-0 1 2}
     export SEED_EPOCHS=${SEED_EPOCHS-10} SEED_PASS=${SEED_PASS:---mixed-precision bf16 --channels-last}
     export REFERENCE_ARCHS=${REFERENCE_ARCHS- } TUNE_SEEDS=${TUNE_SEEDS:-0}
     export TUNE=${TUNE-}
     # runs at once: as many as the GPU's memory holds, less the pair's (two per seed)
     pair_runs=0
     [ "$PAIR" = 1 ] && pair_runs=$((2 * $(wc -w <<< "$PAIR_SEEDS")))
-    JOBS=${JOBS:-$("$PYTHON" -c "import torch; gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-print(max(2, int(gib / $GIB_PER_RUN) - $pair_runs))")}
+    JOBS=${JOBS:-$(( RUNS_FIT - pair_runs > 2 ? RUNS_FIT - pair_runs : 2 ))}
     export JOBS
+    echo "gpu_session: memory for $RUNS_FIT runs at $GIB_PER_RUN GiB; $JOBS at once, fast at '$FAST_EPOCHS' epochs" |
+        tee -a "$OUT/environment.txt"
 fi
 echo "gpu_session: budget $BUDGET_S s (speed $SPEED_S s), output in $OUT" | tee -a "$OUT/environment.txt"
 
